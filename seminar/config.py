@@ -1,0 +1,286 @@
+"""The job spec: one validated pydantic model for everything a run needs.
+
+A spec is a YAML file (see `jobs/configs/`), overridden by `--set key=value` flags,
+validated in full before anything trains: an unknown field, a wrong type or an
+out-of-range value fails with the dotted name of the field.
+
+Baselines are the same spec with switches off (DESIGN §1):
+  pCE only          method.w_ts=0 method.w_ss=0
+  mean teacher      method.w_ss=0
+  CPS-like          method.w_ts=0 method.pseudo_from=student
+  full supervision  method.supervision=dense method.w_ts=0 method.w_ss=0
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    """Shapes on textured backgrounds, generated from a seed (the fast default)."""
+
+    num_train: int = Field(512, ge=1)
+    num_val: int = Field(96, ge=1)
+    image_size: int = Field(96, ge=32, le=1024)
+    num_classes: int = Field(4, ge=2, le=32, description="including background (class 0)")
+
+
+class DataConfig(Strict):
+    dataset: Literal["synthetic", "voc", "camvid", "folder"] = "synthetic"
+    root: str | None = Field(None, description="dataset root: VOCdevkit/VOC2012, camvid/, or an image folder")
+    sbd_root: str | None = Field(None, description="SBD root (dataset/cls/*.mat) for VOC train_aug")
+    clicks: str | None = Field(None, description="click table (Parquet) or What's the Point JSON; None = simulated")
+    extra_clicks: list[str] = Field(default_factory=list, description="more click files merged in (e.g. WTP supp)")
+    classes: list[str] | None = Field(None, description="class names for a folder dataset")
+    train_split: str = "train"
+    val_split: str = "val"
+    max_train: int | None = Field(None, ge=1, description="use only the first N training images")
+    max_val: int | None = Field(None, ge=1)
+    load_scale: float = Field(1.0, gt=0, le=1, description="resize images and masks on load (0.5 = half resolution)")
+    crop_size: tuple[int, int] = Field((96, 96), description="training crop (height, width)")
+    scale_range: tuple[float, float] = (0.75, 1.5)
+    click_radius: int = Field(3, ge=0, le=64)
+    simulated_min_area: int = Field(16, ge=1, description="smallest connected component that gets a simulated click")
+    simulate_background: bool = Field(True, description="VOC: add simulated background clicks (WTP has none)")
+    click_seed: int = 0
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range(cls, v):
+        lo, hi = v
+        if not 0 < lo <= hi <= 8:
+            raise ValueError("needs 0 < min <= max <= 8")
+        return v
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop(cls, v):
+        if min(v) < 16 or max(v) > 4096:
+            raise ValueError("each side must be in [16, 4096]")
+        return v
+
+    @model_validator(mode="after")
+    def _root_needed(self):
+        if self.dataset != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required for dataset '{self.dataset}'")
+        if self.dataset == "folder" and (not self.clicks or not self.classes):
+            raise ValueError("a folder dataset needs data.clicks (a click table) and data.classes")
+        return self
+
+
+class AugmentConfig(Strict):
+    """Photometric augmentation of a student's strong view (geometry is shared by all)."""
+
+    color_jitter: float = Field(0.4, ge=0, le=1, description="brightness/contrast/saturation strength")
+    hue: float = Field(0.1, ge=0, le=0.5)
+    blur_prob: float = Field(0.5, ge=0, le=1)
+    grayscale_prob: float = Field(0.2, ge=0, le=1)
+
+
+class StudentConfig(Strict):
+    model: str = "deeplabv3plus_resnet18"
+    output_stride: Literal[8, 16] = 16
+    pretrained: str | None = Field(None, description="torchvision ImageNet weights file for the backbone")
+    seed: int = 0
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+def _default_students() -> list[StudentConfig]:
+    # Diverse by default: different architectures, seeds and augmentation strength.
+    return [
+        StudentConfig(model="deeplabv3plus_resnet18", seed=0),
+        StudentConfig(model="deeplabv3plus_mobilenetv2", seed=1,
+                      augment=AugmentConfig(color_jitter=0.3, hue=0.05, blur_prob=0.3, grayscale_prob=0.1)),
+    ]
+
+
+class MethodConfig(Strict):
+    supervision: Literal["clicks", "dense"] = "clicks"
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    w_ts: float = Field(1.0, ge=0, le=100, description="weight of the teacher-student consistency loss")
+    w_ss: float = Field(1.0, ge=0, le=100, description="weight of the student-student pseudo-label loss")
+    ts_loss: Literal["mse", "kl"] = "mse"
+    tau: float = Field(0.7, ge=0, le=1, description="fused confidence below which a pseudo-label is ignored")
+    ss_start: int = Field(50, ge=0, description="step at which loss_ss starts ramping up")
+    rampup_steps: int = Field(100, ge=0, description="length L of the sigmoid ramp-up")
+    pseudo_from: Literal["teacher", "student"] = Field(
+        "teacher", description="whose predictions peers exchange; 'student' is the CPS-like baseline")
+    inference: Literal["primary_teacher", "primary_student", "teacher_ensemble"] = "primary_teacher"
+
+
+class OptimConfig(Strict):
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(2e-3, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    batch_size: int = Field(8, ge=1, le=1024, description="per student, split over its replicas")
+    steps: int = Field(300, ge=1)
+    poly_power: float = Field(0.9, ge=0)
+    seed: int = 0
+
+
+class ScheduleConfig(Strict):
+    eval_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_samples: int = Field(4, ge=0, description="samples drawn in the PNG grid of `seminar evaluate`")
+
+
+class ResourcesConfig(Strict):
+    replicas_per_student: int = Field(1, ge=1, le=64)
+    gpus_per_worker: float = Field(0, ge=0, le=8)
+    cpus_per_worker: float = Field(1, gt=0, le=256)
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: fitted)")
+    max_failures: int = Field(2, ge=0, description="worker failures a run survives (resumes from checkpoint)")
+
+
+class StorageConfig(Strict):
+    path: str = Field("runs", description="local directory or s3://bucket/prefix for runs and checkpoints")
+    run_name: str | None = Field(None, description="None = a new unique name; an existing name resumes it")
+
+    @field_validator("run_name")
+    @classmethod
+    def _name(cls, v):
+        if v is not None and (not v or "/" in v or v.startswith(".")):
+            raise ValueError("a run name is a non-empty string without '/' that does not start with '.'")
+        return v
+
+
+class SweepConfig(Strict):
+    """Ray Tune search space: dotted spec field -> grid / choice / uniform / loguniform."""
+
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    num_samples: int = Field(4, ge=1)
+    metric: str = "val/miou"
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial may be stopped")
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent: int = Field(2, ge=1)
+    registry: str | None = Field(None, description="model registry prefix (local or s3://) to publish the best to")
+    model_name: str = "seminar"
+
+
+class ServingConfig(Strict):
+    max_bytes: int = Field(10 * 2**20, ge=1024)
+    max_pixels: int = Field(16 * 2**20, ge=1024)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_pixel_budget: int = Field(4 * 2**20, ge=1024, description="pixels per batch across images")
+    infer_size: int = Field(512, ge=32, description="long side images are resized to for the forward")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+
+
+class TrainConfig(Strict):
+    """A whole job spec."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    students: list[StudentConfig] = Field(default_factory=_default_students)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    sweep: SweepConfig | None = None
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+
+    @field_validator("students")
+    @classmethod
+    def _students(cls, v):
+        if not v:
+            raise ValueError("at least one student")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.method.w_ss > 0 and len(self.students) < 2:
+            raise ValueError("method.w_ss > 0 needs at least 2 students (peers to exchange pseudo-labels with)")
+        if self.optim.batch_size % self.resources.replicas_per_student:
+            raise ValueError("optim.batch_size must be divisible by resources.replicas_per_student")
+        return self
+
+    @property
+    def num_students(self) -> int:
+        return len(self.students)
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_students * self.resources.replicas_per_student
+
+
+class SpecError(ValueError):
+    """A spec that does not validate; the message names every bad field."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid spec {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {field}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for i, p in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[int(p)]
+                continue
+            node = node.setdefault(p, {})
+            if not isinstance(node, (dict, list)):
+                raise SpecError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+        last = parts[-1]
+        parsed = yaml.safe_load(value) if value != "" else None
+        if isinstance(node, list):
+            node[int(last)] = parsed
+        else:
+            node[last] = parsed
+    return raw
+
+
+def load_spec(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML spec (None = the embedded default), apply overrides, validate in full."""
+    source = str(path) if path else "(default)"
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"spec file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SpecError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise SpecError(f"{p}: the top level must be a mapping of sections")
+    if overrides:
+        if "students" in raw or any(o.startswith("students.") for o in overrides):
+            raw.setdefault("students", [s.model_dump() for s in _default_students()])
+        raw = apply_overrides(raw, overrides)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, source)) from None
+
+
+def dump_spec(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
