@@ -32,6 +32,7 @@ class SyntheticConfig(Strict):
     num_val: int = Field(96, ge=1)
     image_size: int = Field(96, ge=32, le=1024)
     num_classes: int = Field(4, ge=2, le=32, description="including background (class 0)")
+    seed: int = Field(0, description="generator seed of the images (train and val draw different streams)")
 
 
 class DataConfig(Strict):
@@ -90,6 +91,7 @@ class AugmentConfig(Strict):
 class StudentConfig(Strict):
     model: str = "deeplabv3plus_resnet18"
     output_stride: Literal[8, 16] = 16
+    decoder_channels: int = Field(256, ge=16, le=1024, description="ASPP/decoder width (smaller = faster on CPU)")
     pretrained: str | None = Field(None, description="torchvision ImageNet weights file for the backbone")
     seed: int = 0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -98,8 +100,8 @@ class StudentConfig(Strict):
 def _default_students() -> list[StudentConfig]:
     # Diverse by default: different architectures, seeds and augmentation strength.
     return [
-        StudentConfig(model="deeplabv3plus_resnet18", seed=0),
-        StudentConfig(model="deeplabv3plus_mobilenetv2", seed=1,
+        StudentConfig(model="deeplabv3plus_resnet18", seed=0, decoder_channels=64),
+        StudentConfig(model="deeplabv3plus_mobilenetv2", seed=1, decoder_channels=64,
                       augment=AugmentConfig(color_jitter=0.3, hue=0.05, blur_prob=0.3, grayscale_prob=0.1)),
     ]
 
@@ -141,6 +143,7 @@ class ResourcesConfig(Strict):
     gpus_per_worker: float = Field(0, ge=0, le=8)
     cpus_per_worker: float = Field(1, gt=0, le=256)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: fitted)")
+    loader_workers: int = Field(1, ge=0, le=64, description="data-loading processes per worker (0 = in the loop)")
     max_failures: int = Field(2, ge=0, description="worker failures a run survives (resumes from checkpoint)")
 
 
@@ -156,30 +159,100 @@ class StorageConfig(Strict):
         return v
 
 
+SWEEP_DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+def _number_or_self(v):
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return v
+
+
 class SweepConfig(Strict):
-    """Ray Tune search space: dotted spec field -> grid / choice / uniform / loguniform."""
+    """Ray Tune search space: dotted spec field -> one distribution.
+
+        params:
+          method.ema_decay: {grid: [0.99, 0.999]}       # every value, in every sample
+          method.w_ss: {choice: [0.5, 1.0, 2.0]}        # one value drawn per trial
+          method.tau: {uniform: [0.5, 0.95]}            # [low, high]
+          optim.lr: {loguniform: [1.0e-4, 1.0e-2]}      # low > 0
+          method.ss_start: {randint: [0, 100]}          # integers, high excluded
+
+    Trials = num_samples x the product of the grid sizes. Whether each field exists and
+    each value is valid for it is checked against the spec by `jobs.spec`.
+    """
 
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     num_samples: int = Field(4, ge=1)
     metric: str = "val/miou"
+    mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial may be stopped")
     reduction_factor: int = Field(2, ge=2)
     max_concurrent: int = Field(2, ge=1)
     registry: str | None = Field(None, description="model registry prefix (local or s3://) to publish the best to")
-    model_name: str = "seminar"
+    model_name: str = Field("seminar", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    name: str | None = Field(None, description="experiment name; None = a new unique one")
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, params):
+        for field, dist in params.items():
+            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in SWEEP_DISTRIBUTIONS:
+                raise ValueError(f"{field}: expected one of {{{', '.join(SWEEP_DISTRIBUTIONS)}: ...}}, got {dist!r}")
+            kind, values = next(iter(dist.items()))
+            if kind in ("grid", "choice"):
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"{field}: {kind} needs a non-empty list of values")
+                continue
+            if isinstance(values, list):  # YAML reads 1e-4 (no dot) as a string
+                values = dist[kind] = [_number_or_self(v) for v in values]
+            if (not isinstance(values, list) or len(values) != 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                raise ValueError(f"{field}: {kind} needs [low, high], got {values!r}")
+            low, high = values
+            if not low < high:
+                raise ValueError(f"{field}: {kind} needs low < high, got {values!r}")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(f"{field}: loguniform needs low > 0, got {values!r}")
+            if kind == "randint" and not all(isinstance(v, int) for v in values):
+                raise ValueError(f"{field}: randint needs integer bounds, got {values!r}")
+        return params
 
 
 class ServingConfig(Strict):
-    max_bytes: int = Field(10 * 2**20, ge=1024)
-    max_pixels: int = Field(16 * 2**20, ge=1024)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    batch_pixel_budget: int = Field(4 * 2**20, ge=1024, description="pixels per batch across images")
+    """The endpoint's knobs (`serving/`): input limits, batching, scaling, admission."""
+
+    max_bytes: int = Field(10 * 2**20, ge=1024, description="largest accepted image file (413 above)")
+    max_pixels: int = Field(16 * 2**20, ge=1024, description="largest accepted image, width x height (413 above)")
+    max_batch_size: int = Field(8, ge=1, description="most images in one batched forward")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    batch_pixel_budget: int = Field(4 * 2**20, ge=1024,
+                                    description="most pixels in one batched forward (after resize and padding)")
     infer_size: int = Field(512, ge=32, description="long side images are resized to for the forward")
+    num_replicas: int | None = Field(None, ge=1, description="a fixed replica count; None = autoscale")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
-    max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(64, ge=-1)
+    target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per replica")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica holds at once")
+    max_queued_requests: int = Field(64, ge=-1, description="requests queued beyond those (-1 = unbounded); "
+                                                            "more get 503 with Retry-After")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 503 when overloaded")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica (None = all cores)")
+    num_cpus: float = Field(1, ge=0, description="logical CPUs a replica reserves")
+    device: Literal["cpu", "cuda"] = "cpu"
+    overlay_alpha: float = Field(0.5, ge=0, le=1, description="default opacity of the mask in overlays")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.infer_size**2 > self.batch_pixel_budget:
+            raise ValueError(f"batch_pixel_budget ({self.batch_pixel_budget}) must hold at least one "
+                             f"infer_size x infer_size image ({self.infer_size**2} pixels)")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
 
 
 class TrainConfig(Strict):

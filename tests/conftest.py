@@ -28,6 +28,11 @@ PYTHON = sys.executable
 # Tiny CPU jobs: keep torch from spawning more threads than there are cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Ray reads its auth mode when it is first imported, so the session's token must be in the
+# environment before any test module does `import ray` (conftest is imported first).
+RAY_TOKEN = secrets.token_hex(16)
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_TOKEN)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -101,8 +106,7 @@ class RayCluster:
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """A real Ray head on this machine, token-authenticated, shared by the whole session."""
-    token = secrets.token_hex(16)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    token = RAY_TOKEN
     gcs_port, dash_port, metrics_port = free_port(), free_port(), free_port()
     # 8 logical CPUs on 2 cores: the test jobs are tiny, and trials/workers must fit at once.
     subprocess.run(

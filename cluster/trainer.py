@@ -1,0 +1,295 @@
+"""Seminar learning on a Ray cluster with Ray Train (Train V2 API).
+
+Two halves, as in Ray's own examples:
+
+- `train_fn_per_worker(config)` runs on every training worker. With K students and R
+  data-parallel replicas per student there are K×R workers; world rank r trains student
+  r // R as replica r % R. It sets up the student's gradient subgroup, the exchange with
+  its peers and the reporter, and hands over to `seminar.engine.train_worker`, the same
+  loop that runs all students in one process.
+- `build_trainer(cfg, run_name)` (the driver) builds the `TorchTrainer`; `run_training`
+  checks the cluster, storage and resources first, fits, and summarises the result.
+
+    driver ──creates──► ExchangeBoard actor (holds references to teacher predictions)
+       │
+       └── TorchTrainer(K×R workers) ─► worker r: student r//R, replica r%R
+                                          ├─ DDP gradients within the student's replicas
+                                          ├─ RayExchange: ray.put / board / ray.get
+                                          └─ ray.train.report: metrics + checkpoint part
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.collective import broadcast_from_rank_zero
+from ray.train.torch import TorchTrainer
+
+from seminar import storage
+from seminar.config import TrainConfig
+from seminar.exchange import InProcessExchange
+
+from .exchange import DEFAULT_TIMEOUT_S, ExchangeBoard, RayExchange
+from .metrics import TrainMetrics
+from .preflight import check_address, check_resources, check_storage, worker_resources
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hook: world rank `rank` kills its process when it reports step >= `step`, once
+    (the `marker` file records that it happened, so the restarted worker carries on)."""
+
+    rank: int
+    step: int
+    marker: str
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """The training function of one worker (Ray Train calls it with `train_loop_config`)."""
+    from seminar.engine import WorkerContext, train_worker  # the method; imported on the worker
+
+    cfg: TrainConfig = config["cfg"]
+    board = config["board"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    num_students, num_replicas = cfg.num_students, cfg.resources.replicas_per_student
+    torch.set_num_threads(cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_worker)))
+
+    # A fresh attempt number whenever the worker group (re)starts: rank 0 draws it from
+    # the board, which forgets what the previous attempt published.
+    attempt = broadcast_from_rank_zero(ray.get(board.new_attempt.remote()) if rank == 0 else None)
+
+    if world_size == 1:
+        # One process (ScalingConfig(num_workers=0), or a one-worker run): all students here.
+        worker = WorkerContext(students=list(range(num_students)), attempt=attempt)
+        exchange = InProcessExchange(num_students)
+    else:
+        if world_size != cfg.num_workers:
+            raise RuntimeError(f"{world_size} workers for a spec of {cfg.num_workers} "
+                               f"({num_students} students x {num_replicas} replicas)")
+        student, replica = divmod(rank, num_replicas)
+        worker = WorkerContext(students=[student], replica=replica, num_replicas=num_replicas,
+                               process_group=_student_process_group(num_students, num_replicas, rank),
+                               device=ray.train.torch.get_device(), attempt=attempt)
+        exchange = RayExchange(board, num_students, replica=replica, num_replicas=num_replicas,
+                               attempt=attempt, timeout_s=config["exchange_timeout_s"])
+
+    with ExitStack() as stack:
+        checkpoint = ray.train.get_checkpoint()
+        resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        reporter = Reporter(cfg, worker, rank, world_size, attempt, resume_from, config.get("fault"))
+        try:
+            train_worker(cfg, worker, exchange, reporter, resume_from=resume_from)
+        finally:
+            exchange.close()
+
+
+def _student_process_group(num_students: int, num_replicas: int, rank: int):
+    """This worker's student's gradient group: its R replicas (None when R = 1).
+
+    `new_group` is collective over the whole world: every rank creates every group, in the
+    same order, and keeps its own.
+    """
+    if num_replicas == 1:
+        return None
+    mine = None
+    for k in range(num_students):
+        group = dist.new_group(ranks=list(range(k * num_replicas, (k + 1) * num_replicas)))
+        if k == rank // num_replicas:
+            mine = group
+    return mine
+
+
+class Reporter:
+    """`report(metrics, checkpoint_dir)` for the engine: one `ray.train.report` per call.
+
+    Every rank reports (the call is a barrier, and every rank's checkpoint part is
+    uploaded into one merged directory). Rank 0's metrics are the ones Ray keeps with a
+    checkpoint and the ones Tune sees, so rank 0 first gathers every worker's `s{k}/...`
+    metrics and reports them all.
+    """
+
+    def __init__(self, cfg: TrainConfig, worker, rank: int, world_size: int, attempt: int,
+                 resume_from: str | None, fault: FaultInjection | None):
+        self.rank, self.world_size, self.fault = rank, world_size, fault
+        self.run_info = {"run/attempt": attempt, "run/resumed_from_step": _checkpoint_step(resume_from)}
+        # Only replica 0 of a student exports it: its replicas report the same reduced values.
+        self.ray_metrics = TrainMetrics(cfg.storage.run_name or "run", worker.students) if worker.replica == 0 else None
+
+    def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        self._maybe_inject_fault(metrics)
+        if self.ray_metrics:
+            self.ray_metrics.record(metrics)
+        merged = {**self._gather(metrics), **self.run_info}
+        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(merged, checkpoint=checkpoint)
+
+    def _gather(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return dict(metrics)
+        everyone = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(dict(metrics), everyone, dst=0)
+        if self.rank != 0:
+            return dict(metrics)
+        merged: dict[str, float] = {}
+        for rank_metrics in everyone:  # rank order: replica 0 of each student comes first
+            for key, value in rank_metrics.items():
+                merged.setdefault(key, value)
+        return merged
+
+    def _maybe_inject_fault(self, metrics: dict[str, float]) -> None:
+        f = self.fault
+        if f and self.rank == f.rank and metrics.get("step", 0) >= f.step and not Path(f.marker).exists():
+            Path(f.marker).write_text(f"rank {self.rank} exited at step {metrics.get('step')}\n")
+            logger.warning("fault injection: rank %d exits at step %s", self.rank, metrics.get("step"))
+            os._exit(1)
+
+
+def _checkpoint_step(directory: str | None) -> int:
+    if not directory:
+        return -1
+    try:
+        return int(json.loads((Path(directory) / "meta.json").read_text())["step"])
+    except (OSError, KeyError, ValueError):
+        return -1
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def new_run_name() -> str:
+    return f"seminar-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def storage_location(uri: str):
+    """(storage_path, storage_filesystem) for RunConfig: the pyarrow filesystem and the path
+    inside it for s3:// (Ray wants the path without its scheme then), else a local path."""
+    if storage.is_s3(uri):
+        fs, path = storage.filesystem(uri)
+        return path, fs
+    return str(Path(uri).expanduser().resolve()), None
+
+
+def build_trainer(cfg: TrainConfig, run_name: str, callbacks=None, *, num_workers: int | None = None,
+                  placement_strategy: str = "PACK", exchange_timeout_s: float = DEFAULT_TIMEOUT_S,
+                  keep_checkpoints: int | None = 2, fault: FaultInjection | None = None) -> TorchTrainer:
+    """The `TorchTrainer` of one run: K×R workers, checkpoints under `storage.path/run_name`.
+
+    `callbacks` are Ray Train callbacks (a Tune function trainable passes
+    `ray.tune.integration.ray_train.TuneReportCallback()`). `num_workers=0` runs every
+    student in this process (Ray Train's local mode). `placement_strategy="STRICT_SPREAD"`
+    puts every worker on a different node. Starting a run name that exists resumes it from
+    its latest checkpoint.
+    """
+    cfg = cfg.model_copy(deep=True)
+    cfg.storage.run_name = run_name  # the checkpoints' metadata names the run
+    res = worker_resources(cfg)
+    storage_path, storage_filesystem = storage_location(cfg.storage.path)
+    board = ExchangeBoard.remote(cfg.num_students, cfg.resources.replicas_per_student)
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": cfg, "board": board, "exchange_timeout_s": exchange_timeout_s, "fault": fault},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers if num_workers is None else num_workers,
+            use_gpu=cfg.resources.gpus_per_worker > 0,
+            resources_per_worker=res,
+            placement_strategy=placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+@dataclass
+class RunSummary:
+    run_name: str
+    checkpoint: str  # local path or s3:// URI of the final merged checkpoint
+    step: int
+    metrics: dict[str, float] = field(repr=False)
+    miou: dict[str, float] = field(default_factory=dict)  # "s{k}/student", "s{k}/teacher", "served"
+
+    def format(self) -> str:
+        lines = [f"run {self.run_name}: step {self.step}", f"checkpoint: {self.checkpoint}"]
+        for key, value in self.miou.items():
+            lines.append(f"  mIoU {key:<12} {value:.4f}")
+        return "\n".join(lines)
+
+
+def summarize(result, cfg: TrainConfig, run_name: str) -> RunSummary:
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    path = result.checkpoint.path
+    uri = f"s3://{path}" if storage.is_s3(cfg.storage.path) else path
+    metrics = dict(result.metrics or {})
+    miou = {}
+    for k in range(cfg.num_students):
+        for model in ("student", "teacher"):
+            value = metrics.get(f"s{k}/val_miou_{model}")
+            if value is not None:
+                miou[f"s{k}/{model}"] = float(value)
+    if "val/miou" in metrics:
+        miou["served"] = float(metrics["val/miou"])
+    return RunSummary(run_name, uri, int(metrics.get("step", -1)), metrics, miou)
+
+
+def connect(address: str | None, cfg: TrainConfig) -> bool:
+    """Connect this process to Ray; returns True when it started a local Ray itself.
+
+    No address: an embedded single-node Ray with the machine's CPUs (at least as many
+    logical CPUs as the spec's workers reserve: oversubscribing a small machine is slower
+    but works) and its GPUs; the dashboard stays on (Train V2 needs it).
+    """
+    if ray.is_initialized():
+        return False
+    if address:
+        check_address(address)
+        ray.init(address=address, log_to_driver=False)
+        return False
+    needed = cfg.num_workers * cfg.resources.cpus_per_worker
+    cores = os.cpu_count() or 1
+    if needed > cores:
+        logger.warning("the spec reserves %g CPUs on a %d-core machine: workers share cores", needed, cores)
+    ray.init(num_cpus=max(cores, int(needed + 0.999)), include_dashboard=True, log_to_driver=False)
+    return True
+
+
+def run_training(cfg: TrainConfig, address: str | None = None, **trainer_options) -> RunSummary:
+    """Train a spec on a Ray cluster (`address`) or an embedded local Ray; print and return
+    the summary. A spec with `storage.run_name` of an existing run resumes it."""
+    run_name = cfg.storage.run_name or new_run_name()
+    check_address(address)  # before anything slow
+    started_here = connect(address, cfg)
+    try:
+        check_storage(cfg.storage.path, run_name)
+        check_resources(cfg, worker_resources(cfg), trainer_options.get("placement_strategy", "PACK"))
+        trainer = build_trainer(cfg, run_name, **trainer_options)
+        result = trainer.fit()
+        summary = summarize(result, cfg, run_name)
+        print(summary.format())
+        return summary
+    finally:
+        if started_here:
+            ray.shutdown()

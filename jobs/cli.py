@@ -1,0 +1,338 @@
+"""The cluster commands of `seminar`: submit, tune, jobs, models.
+
+    seminar submit SPEC --address http://HEAD:8265 [--set k=v] [--follow]
+    seminar tune SPEC [--address URL] [--registry PREFIX]
+    seminar jobs list | status ID | logs ID [-f] | stop ID
+    seminar models list | show NAME[/VERSION]  [--registry PREFIX]
+
+`register(app)` adds them to `seminar.cli.app`. Specs are validated in full here, before
+anything reaches a cluster; cluster and registry failures print one line, not a trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from seminar.config import SpecError, TrainConfig
+
+console = Console()
+errors = Console(stderr=True)
+
+ADDRESS_HELP = "the cluster's Jobs API (dashboard) URL, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS"
+REGISTRY_HELP = "model registry: a local directory or s3://bucket/prefix; default: $SEMINAR_REGISTRY, else runs/registry"
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, status, logs, stop.")
+models_app = typer.Typer(no_args_is_help=True, help="Published models in a registry.")
+
+
+def fail(message: str, code: int = 1) -> None:
+    errors.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def checked_spec(spec: Path, overrides: list[str]) -> TrainConfig:
+    """The spec, validated in full (schema, paths, classes, sweep); exit 2 naming the fields."""
+    from jobs.spec import load_checked_spec
+
+    try:
+        return load_checked_spec(spec, overrides)
+    except SpecError as e:
+        fail(str(e), code=2)
+
+
+def _remote_address(address: Optional[str]) -> Optional[str]:
+    """The Jobs API URL to submit to, if the user named one (flag or environment)."""
+    if address:
+        return address
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = os.environ.get(var, "")
+        if value.startswith(("http://", "https://")):
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# submit, tune
+# --------------------------------------------------------------------------------------
+
+
+def submit(
+    spec: Path = typer.Argument(..., help="job spec (YAML)"),
+    address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="override a spec field: key=value (repeatable)"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="stream the job's logs until it ends"),
+) -> None:
+    """Submit a training job to a Ray cluster (Ray Jobs API); prints the job id."""
+    from jobs.submit import ClusterError, connect, follow_logs, submit_spec
+
+    cfg = checked_spec(spec, overrides)
+    try:
+        client = connect(address)
+        job = submit_spec(cfg, address, kind="train", client=client)
+        _print_submitted(job)
+        if follow:
+            _follow(client, job.job_id)
+    except ClusterError as e:
+        fail(str(e))
+
+
+def tune(
+    spec: Path = typer.Argument(..., help="job spec (YAML) with a sweep section"),
+    address: Optional[str] = typer.Option(None, "--address", "-a",
+                                          help=ADDRESS_HELP + ". Given: submit the sweep as a job; "
+                                               "else run it here (on $RAY_ADDRESS's cluster or a local Ray)"),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="override a spec field: key=value (repeatable)"),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP + "; default: sweep.registry"),
+    name: Optional[str] = typer.Option(None, "--name", help="sweep name; default: sweep.name or a new one"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="(with --address) stream the job's logs"),
+    publish: bool = typer.Option(True, "--publish/--no-publish", help="publish the best checkpoint"),
+) -> None:
+    """Hyperparameter search with Ray Tune and ASHA; publishes the best model."""
+    if registry:
+        overrides = [*overrides, f"sweep.registry={registry}"]
+    if name:
+        overrides = [*overrides, f"sweep.name={name}"]
+    cfg = checked_spec(spec, overrides)
+    if cfg.sweep is None or not cfg.sweep.params:
+        fail(f"{spec}: sweep.params: name at least one field to sweep (see jobs/configs/sweep.yaml)", code=2)
+
+    remote = _remote_address(address)
+    if remote:
+        from jobs.submit import ClusterError, connect, submit_spec
+
+        try:
+            client = connect(remote)
+            job = submit_spec(cfg, remote, kind="tune", client=client)
+            _print_submitted(job)
+            if follow:
+                _follow(client, job.job_id)
+        except ClusterError as e:
+            fail(str(e))
+        return
+
+    from cluster.preflight import PreflightError
+    from jobs.registry import RegistryError
+    from jobs.sweep import run_sweep
+
+    try:
+        # In a submitted job RAY_ADDRESS is the cluster's own (GCS) address.
+        result = run_sweep(cfg, address=os.environ.get("RAY_ADDRESS") or None, publish=publish, console=console)
+    except (PreflightError, RegistryError, ValueError) as e:
+        fail(str(e))
+    if result.best is None:
+        raise typer.Exit(1)
+
+
+def _print_submitted(job) -> None:
+    console.print(f"submitted job [bold]{job.job_id}[/] to {job.address}")
+    console.print(f"  results:   {job.storage}")
+    console.print(f"  logs:      seminar jobs logs {job.job_id} -f   (dashboard: {job.address}/#/jobs/{job.job_id})")
+    # The bare id last, alone on its line, for scripts: `seminar submit ... | tail -1`.
+    print(job.job_id, flush=True)
+
+
+def _follow(client, job_id: str) -> None:
+    from jobs.submit import follow_logs
+
+    t0 = time.perf_counter()
+    try:
+        status = follow_logs(client, job_id)
+    except KeyboardInterrupt:
+        errors.print(f"stopped following; the job keeps running (seminar jobs stop {job_id} ends it)")
+        raise typer.Exit(130)
+    colour = "green" if status == "SUCCEEDED" else "red"
+    console.print(f"job {job_id}: [{colour}]{status}[/] after {time.perf_counter() - t0:.0f} s")
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------
+# jobs
+# --------------------------------------------------------------------------------------
+
+
+def _client(address: Optional[str]):
+    from jobs.submit import ClusterError, connect
+
+    try:
+        return connect(address)
+    except ClusterError as e:
+        fail(str(e))
+
+
+def _when(ms: Optional[int]) -> str:
+    return "-" if not ms else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP)) -> None:
+    """Jobs on the cluster, newest first."""
+    from jobs.submit import ClusterError, cluster_errors
+
+    client = _client(address)
+    try:
+        with cluster_errors(client._address):
+            jobs = client.list_jobs()
+    except ClusterError as e:
+        fail(str(e))
+    table = Table(title=f"jobs on {client._address}")
+    for col in ("job id", "status", "kind", "started", "ended", "entrypoint"):
+        table.add_column(col)
+    for job in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True):
+        meta = job.metadata or {}
+        table.add_row(job.submission_id or job.job_id or "-", str(job.status.value), meta.get("seminar_kind", "-"),
+                      _when(job.start_time), _when(job.end_time), (job.entrypoint or "")[:60])
+    console.print(table)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str = typer.Argument(...),
+                address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP)) -> None:
+    """A job's status, message, and where its results go."""
+    from jobs.submit import ClusterError, cluster_errors
+
+    client = _client(address)
+    try:
+        with cluster_errors(client._address, job_id):
+            info = client.get_job_info(job_id)
+    except ClusterError as e:
+        fail(str(e))
+    meta = info.metadata or {}
+    console.print(f"job [bold]{job_id}[/]: {info.status.value}")
+    if info.message:
+        console.print(f"  message:    {info.message}")
+    console.print(f"  entrypoint: {info.entrypoint}")
+    console.print(f"  started:    {_when(info.start_time)}   ended: {_when(info.end_time)}")
+    if "seminar_run" in meta:
+        console.print(f"  results:    {meta['seminar_storage'].rstrip('/')}/{meta['seminar_run']}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str = typer.Argument(...),
+              follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends"),
+              address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP)) -> None:
+    """A job's logs (driver output)."""
+    from jobs.submit import ClusterError, cluster_errors
+
+    client = _client(address)
+    try:
+        if follow:
+            _follow(client, job_id)
+            return
+        with cluster_errors(client._address, job_id):
+            sys.stdout.write(client.get_job_logs(job_id))
+    except ClusterError as e:
+        fail(str(e))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str = typer.Argument(...),
+              address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP)) -> None:
+    """Stop a running job."""
+    from jobs.submit import ClusterError, cluster_errors
+
+    client = _client(address)
+    try:
+        with cluster_errors(client._address, job_id):
+            stopped = client.stop_job(job_id)
+    except ClusterError as e:
+        fail(str(e))
+    console.print(f"job {job_id}: " + ("stop requested" if stopped else "already finished"))
+
+
+# --------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(registry: Optional[str] = typer.Option(None, "--registry", "-r", help=REGISTRY_HELP)) -> None:
+    """Models and their versions."""
+    from jobs.registry import ModelRegistry, RegistryError
+
+    try:
+        reg = ModelRegistry(registry)
+        rows = [(m, reg.versions(m)) for m in reg.models()]
+        latest = {m: reg.get(m, v[-1]).metadata for m, v in rows}
+    except RegistryError as e:
+        fail(str(e))
+    table = Table(title=f"models in {reg.uri}")
+    for col in ("model", "versions", "latest", "created", "val/miou", "click source"):
+        table.add_column(col)
+    for model, versions in rows:
+        meta = latest[model]
+        miou = (meta.get("metrics") or {}).get("val/miou")
+        table.add_row(model, ", ".join(map(str, versions)), str(versions[-1]), meta.get("created", "-"),
+                      "-" if miou is None else f"{miou:.4f}", str(meta.get("click_source")))
+    console.print(table)
+    if not rows:
+        console.print("no models yet: `seminar tune SPEC` publishes the best of a sweep")
+
+
+@models_app.command("show")
+def models_show(
+    model: str = typer.Argument(..., help="NAME or NAME/VERSION (default: the latest version)"),
+    registry: Optional[str] = typer.Option(None, "--registry", "-r", help=REGISTRY_HELP),
+    verify: bool = typer.Option(False, "--verify", help="also fetch the files and check their sha256"),
+    as_json: bool = typer.Option(False, "--json", help="print metadata.json as it is"),
+) -> None:
+    """A model version's metadata: metrics, classes, click source, spec, files."""
+    from jobs.registry import ModelRegistry, RegistryError, parse_model_ref
+
+    try:
+        name, version = parse_model_ref(model)
+        reg = ModelRegistry(registry)
+        mv = reg.get(name, version)
+        local = reg.fetch(name, mv.version) if verify else None
+    except RegistryError as e:
+        fail(str(e))
+    meta = mv.metadata
+    if as_json:
+        print(json.dumps(meta, indent=2))
+        return
+    console.print(f"[bold]{mv.model}/{mv.version}[/]  {mv.uri}")
+    console.print(f"  created:      {meta.get('created')}")
+    console.print(f"  code version: {meta.get('code_version')}")
+    console.print(f"  click source: {meta.get('click_source')}")
+    console.print(f"  classes:      {', '.join(meta.get('classes') or [])}")
+    console.print(f"  students:     {meta.get('num_students')}   step: {meta.get('step')}")
+    if meta.get("sweep"):
+        sw = meta["sweep"]
+        params = ", ".join(f"{k}={v}" for k, v in (sw.get("params") or {}).items())
+        console.print(f"  sweep:        {sw.get('name')} trial {sw.get('trial_id')} ({params})")
+    spec = meta.get("spec") or {}
+    method = spec.get("method") or {}
+    if method:
+        console.print("  method:       " + ", ".join(f"{k}={method[k]}" for k in
+                                                   ("ema_decay", "w_ts", "w_ss", "tau", "ss_start") if k in method))
+    metrics = Table(title="metrics", show_header=False)
+    for key, value in sorted((meta.get("metrics") or {}).items()):
+        if key.startswith("val/iou/"):
+            continue
+        metrics.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(metrics)
+    files = Table(title="files")
+    for col in ("file", "bytes", "sha256"):
+        files.add_column(col)
+    for rel, info in (meta.get("files") or {}).items():
+        files.add_row(rel, str(info.get("bytes")), info.get("sha256", "")[:16] + "...")
+    console.print(files)
+    if local:
+        console.print(f"[green]verified[/]: every file matches its sha256 ({local})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add submit, tune, jobs and models to the `seminar` app."""
+    app.command("submit")(submit)
+    app.command("tune")(tune)
+    app.add_typer(jobs_app, name="jobs")
+    app.add_typer(models_app, name="models")

@@ -1,0 +1,455 @@
+"""A model registry: published checkpoints, versioned, with their metadata and checksums.
+
+A registry is a prefix, local (`models/`) or on S3 (`s3://bucket/models`), laid out as
+
+    <prefix>/<model>/<version>/meta.json              the checkpoint, as training wrote it
+                              /student_<k>/*.pt
+                              /metadata.json          written last: the version's commit mark
+
+`metadata.json` holds the metrics, the spec, the classes and palette, the click source,
+the code version, the creation time and the sha256 of every other file. Versions are
+1, 2, 3, ... per model; a version without `metadata.json` is unfinished and invisible.
+Reading a version checks every file against its checksum, so a tampered or truncated
+file fails loudly, by name, instead of loading wrong weights.
+
+S3 is written and read with boto3 (endpoint from `AWS_ENDPOINT_URL`, credentials from
+the environment as usual). The serving layer loads models through `resolve_model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+METADATA_FILE = "metadata.json"
+CHECKPOINT_META = "meta.json"  # written by training (seminar.checkpoint); marks a checkpoint dir
+DEFAULT_REGISTRY_ENV = "SEMINAR_REGISTRY"
+DEFAULT_REGISTRY = "runs/registry"
+CACHE_ENV = "SEMINAR_MODEL_CACHE"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class RegistryError(Exception):
+    """A registry that cannot be read or written, or a model/version that is not there."""
+
+
+class IntegrityError(RegistryError):
+    """A registered file that does not match the checksum recorded when it was published."""
+
+
+def default_registry() -> str:
+    return os.environ.get(DEFAULT_REGISTRY_ENV) or DEFAULT_REGISTRY
+
+
+def code_version() -> str:
+    """`git describe` of this checkout, or the installed package version."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return importlib.metadata.version("seminar")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Where bytes live: a local directory or an S3 prefix, behind the same five operations.
+# --------------------------------------------------------------------------------------
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise RegistryError(f"{uri}: an S3 URI needs a bucket (s3://bucket/prefix)")
+    return bucket, key.strip("/")
+
+
+class _LocalStore:
+    def __init__(self, root: str):
+        self.root = Path(root).expanduser()
+        self.uri = str(self.root)
+
+    def join(self, *parts: str) -> str:
+        return str(self.root.joinpath(*parts))
+
+    def list_dirs(self, *parts: str) -> list[str]:
+        d = self.root.joinpath(*parts)
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+    def list_files(self, *parts: str) -> list[str]:
+        """Relative paths of every file under parts (recursively)."""
+        d = self.root.joinpath(*parts)
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+    def read_bytes(self, *parts: str) -> bytes | None:
+        p = self.root.joinpath(*parts)
+        return p.read_bytes() if p.is_file() else None
+
+    def put_file(self, local: Path, *parts: str) -> None:
+        dest = self.root.joinpath(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, dest)
+
+    def put_bytes(self, data: bytes, *parts: str) -> None:
+        dest = self.root.joinpath(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)  # readers never see half a metadata.json
+
+    def claim(self, *parts: str) -> bool:
+        """Create the directory parts if nobody has: how two publishers get distinct versions."""
+        d = self.root.joinpath(*parts)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir()
+            return True
+        except FileExistsError:
+            return False
+
+    def fetch(self, rel_files: list[str], parts: tuple[str, ...], dest: Path) -> None:
+        raise AssertionError("local versions are read in place")
+
+
+class _S3Store:
+    def __init__(self, uri: str):
+        import boto3
+
+        self.bucket, self.prefix = _split_s3(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        # boto3 reads AWS_ENDPOINT_URL itself; passing it keeps older botocore working too.
+        self.s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def join(self, *parts: str) -> str:
+        return f"s3://{self.bucket}/{self._key(*parts)}"
+
+    def list_dirs(self, *parts: str) -> list[str]:
+        prefix = self._key(*parts)
+        prefix = prefix + "/" if prefix else ""
+        names = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            names += [cp["Prefix"][len(prefix):].rstrip("/") for cp in page.get("CommonPrefixes", [])]
+        return sorted(names)
+
+    def list_files(self, *parts: str) -> list[str]:
+        prefix = self._key(*parts) + "/"
+        files = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            files += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+        return sorted(files)
+
+    def read_bytes(self, *parts: str) -> bytes | None:
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=self._key(*parts))["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+
+    def put_file(self, local: Path, *parts: str) -> None:
+        self.s3.upload_file(str(local), self.bucket, self._key(*parts))
+
+    def put_bytes(self, data: bytes, *parts: str) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key(*parts), Body=data)
+
+    def claim(self, *parts: str) -> bool:
+        # A conditional write (If-None-Match: *) succeeds for exactly one publisher.
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=self._key(*parts, ".claim"), Body=b"",
+                               IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    def fetch(self, rel_files: list[str], parts: tuple[str, ...], dest: Path) -> None:
+        for rel in rel_files:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.s3.download_file(self.bucket, self._key(*parts, rel), str(target))
+
+
+def _store(uri: str):
+    return _S3Store(uri) if uri.startswith("s3://") else _LocalStore(uri)
+
+
+def _wrap_storage_errors(fn):
+    """Turn boto/OS errors into one RegistryError naming the registry."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(self, *args, **kwargs)
+        except RegistryError:
+            raise
+        except (ClientError, BotoCoreError, OSError) as e:
+            raise RegistryError(f"registry {self.uri}: {e}") from e
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelVersion:
+    model: str
+    version: int
+    uri: str  # <registry>/<model>/<version>
+    metadata: dict[str, Any]
+
+
+def _check_model_name(model: str) -> str:
+    if not model or "/" in model or model.startswith(".") or model.isdigit():
+        raise RegistryError(f"model name {model!r}: use a non-empty name without '/' that is not a number")
+    return model
+
+
+class ModelRegistry:
+    """Published models under one prefix. `ModelRegistry("s3://bucket/models").publish(...)`."""
+
+    def __init__(self, uri: str | None = None):
+        self.store = _store(uri or default_registry())
+        self.uri = self.store.uri
+
+    # ---- reading -------------------------------------------------------------------
+
+    @_wrap_storage_errors
+    def models(self) -> list[str]:
+        return [m for m in self.store.list_dirs() if self.versions(m)]
+
+    @_wrap_storage_errors
+    def versions(self, model: str) -> list[int]:
+        """Committed versions of model (those with metadata.json), oldest first."""
+        numbered = sorted(int(v) for v in self.store.list_dirs(model) if v.isdigit())
+        return [v for v in numbered if self.store.read_bytes(model, str(v), METADATA_FILE) is not None]
+
+    @_wrap_storage_errors
+    def get(self, model: str, version: int | None = None) -> ModelVersion:
+        """A version's metadata (the latest version when version is None)."""
+        versions = self.versions(model)
+        if not versions:
+            known = ", ".join(self.models()) or "none"
+            raise RegistryError(f"no model '{model}' in registry {self.uri} (models: {known})")
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise RegistryError(f"model '{model}' has no version {version} in {self.uri} "
+                                f"(versions: {', '.join(map(str, versions))})")
+        raw = self.store.read_bytes(model, str(version), METADATA_FILE)
+        try:
+            metadata = json.loads(raw)
+        except ValueError:
+            raise IntegrityError(f"{self.store.join(model, str(version), METADATA_FILE)}: not valid JSON") from None
+        return ModelVersion(model, version, self.store.join(model, str(version)), metadata)
+
+    @_wrap_storage_errors
+    def fetch(self, model: str, version: int | None = None, cache_dir: str | Path | None = None) -> Path:
+        """A local, checksum-verified checkpoint directory of model/version.
+
+        Local registries are verified and read in place; S3 versions are downloaded once
+        into the cache (`SEMINAR_MODEL_CACHE`, default ~/.cache/seminar/models) and
+        verified after every download and on every later use.
+        """
+        mv = self.get(model, version)
+        files = mv.metadata.get("files") or {}
+        if isinstance(self.store, _LocalStore):
+            local = Path(mv.uri)
+        else:
+            cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar" / "models")
+            key = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+            local = cache / key / model / str(mv.version)
+            try:
+                verify_files(local, files, where=str(local))
+            except IntegrityError:
+                # Not cached yet, or a previous download broke off: fetch into a fresh dir.
+                tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_mkdir(local.parent)))
+                self.store.fetch(list(files), (model, str(mv.version)), tmp)
+                (tmp / METADATA_FILE).write_text(json.dumps(mv.metadata, indent=2))
+                shutil.rmtree(local, ignore_errors=True)
+                os.replace(tmp, local)
+        verify_files(local, files, where=mv.uri)
+        return local
+
+    # ---- writing -------------------------------------------------------------------
+
+    @_wrap_storage_errors
+    def publish(self, checkpoint: str | Path, model: str, *, metrics: dict[str, float] | None = None,
+                spec: dict | None = None, extra: dict[str, Any] | None = None,
+                include_optimizer: bool = False) -> ModelVersion:
+        """Copy a checkpoint (local dir or s3:// prefix) in as the next version of model.
+
+        The optimizer state is left out unless asked for: serving needs only the weights.
+        `metrics` (e.g. the sweep's) are merged over those the checkpoint recorded.
+        """
+        _check_model_name(model)
+        with tempfile.TemporaryDirectory(prefix="seminar-publish-") as tmp:
+            local = _local_checkpoint(str(checkpoint), Path(tmp))
+            meta_path = local / CHECKPOINT_META
+            if not meta_path.is_file():
+                raise RegistryError(f"{checkpoint}: not a checkpoint (no {CHECKPOINT_META})")
+            meta = json.loads(meta_path.read_text())
+            rel_files = sorted(
+                str(p.relative_to(local)) for p in local.rglob("*")
+                if p.is_file() and p.name != METADATA_FILE and (include_optimizer or p.name != "optimizer.pt"))
+            files = {rel: {"sha256": sha256_file(local / rel), "bytes": (local / rel).stat().st_size}
+                     for rel in rel_files}
+
+            version = self._claim_next_version(model)
+            for rel in rel_files:
+                self.store.put_file(local / rel, model, str(version), rel)
+            metadata = {
+                "model": model,
+                "version": version,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "metrics": {**(meta.get("metrics") or {}), **(metrics or {})},
+                "spec": spec if spec is not None else meta.get("spec"),
+                "classes": meta.get("classes"),
+                "palette": meta.get("palette"),
+                "click_source": meta.get("click_source"),
+                "num_students": meta.get("num_students"),
+                "step": meta.get("step"),
+                "code_version": meta.get("code_version") or code_version(),
+                "published_with": code_version(),
+                "source_checkpoint": str(checkpoint),
+                "files": files,
+                **(extra or {}),
+            }
+            # metadata.json last: until it exists the version is not listed.
+            self.store.put_bytes(json.dumps(metadata, indent=2).encode(), model, str(version), METADATA_FILE)
+        return ModelVersion(model, version, self.store.join(model, str(version)), metadata)
+
+    def _claim_next_version(self, model: str) -> int:
+        taken = [int(v) for v in self.store.list_dirs(model) if v.isdigit()]
+        version = max(taken, default=0) + 1
+        while not self.store.claim(model, str(version)):
+            version += 1
+        return version
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def verify_files(local: Path, files: dict[str, dict], where: str) -> None:
+    """Every recorded file exists under local with its recorded sha256."""
+    if not files:
+        raise IntegrityError(f"{where}: {METADATA_FILE} lists no files")
+    for rel, info in files.items():
+        path = local / rel
+        if not path.is_file():
+            raise IntegrityError(f"{where}: file {rel} is missing")
+        if sha256_file(path) != info["sha256"]:
+            raise IntegrityError(f"{where}: file {rel} does not match its recorded sha256 "
+                                 "(modified or corrupted after publishing)")
+
+
+def _local_checkpoint(uri: str, scratch: Path) -> Path:
+    """A local directory holding the checkpoint at uri (downloaded first if on S3)."""
+    if not uri.startswith("s3://"):
+        p = Path(uri).expanduser()
+        if not p.is_dir():
+            raise RegistryError(f"{uri}: no such checkpoint directory")
+        return p
+    src = _S3Store(uri)
+    rel_files = src.list_files()
+    if not rel_files:
+        raise RegistryError(f"{uri}: no such checkpoint (nothing under that prefix)")
+    src.fetch(rel_files, (), scratch)
+    return scratch
+
+
+# --------------------------------------------------------------------------------------
+# One function for loaders: whatever the user wrote -> a local checkpoint directory
+# --------------------------------------------------------------------------------------
+
+
+def parse_model_ref(ref: str) -> tuple[str, int | None]:
+    """'name' -> (name, None); 'name/3' -> (name, 3)."""
+    head, _, tail = ref.strip("/").rpartition("/")
+    if head and tail.isdigit():
+        return head, int(tail)
+    if head:
+        raise RegistryError(f"model reference {ref!r}: expected NAME or NAME/VERSION")
+    return tail, None
+
+
+def resolve_model(uri_or_name: str, registry: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A local, verified checkpoint directory for any way of naming a model.
+
+    Accepted:
+      - a checkpoint directory (local or s3://) - one holding meta.json, as training wrote it;
+      - a registry version `<registry>/<model>/<version>` or a model `<registry>/<model>`
+        (its latest version), local or s3://;
+      - `model` or `model/version` in `registry` (default: $SEMINAR_REGISTRY, else runs/registry).
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    ref = uri_or_name.rstrip("/")
+    explicit_path = ref.startswith(("s3://", ".", "/", "~"))
+    is_local_dir = not ref.startswith("s3://") and (
+        (Path(ref).expanduser() / METADATA_FILE).is_file() or (Path(ref).expanduser() / CHECKPOINT_META).is_file())
+    try:
+        if explicit_path or is_local_dir:
+            return _resolve_path(ref, cache_dir)
+        model, version = parse_model_ref(ref)
+        return ModelRegistry(registry).fetch(model, version, cache_dir)
+    except (ClientError, BotoCoreError, OSError) as e:
+        raise RegistryError(f"{ref}: {e}") from e
+
+
+def _resolve_path(ref: str, cache_dir: str | Path | None) -> Path:
+    store = _store(ref)
+    if store.read_bytes(METADATA_FILE) is not None:  # <registry>/<model>/<version>
+        parent, _, version = ref.rpartition("/")
+        reg, _, model = parent.rpartition("/")
+        if not version.isdigit():
+            raise RegistryError(f"{ref}: has {METADATA_FILE} but is not <registry>/<model>/<version>")
+        return ModelRegistry(reg or ".").fetch(model, int(version), cache_dir)
+    if store.read_bytes(CHECKPOINT_META) is not None:  # a checkpoint as training wrote it
+        if isinstance(store, _LocalStore):
+            return store.root
+        cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar" / "models")
+        dest = cache / "checkpoints" / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        if not (dest / CHECKPOINT_META).is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_mkdir(dest.parent)))
+            _local_checkpoint(ref, tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        return dest
+    reg, _, model = ref.rpartition("/")
+    if reg and any(v.isdigit() for v in store.list_dirs()):  # <registry>/<model>: its latest version
+        return ModelRegistry(reg).fetch(model, None, cache_dir)
+    raise RegistryError(f"{ref}: neither a checkpoint (no {CHECKPOINT_META}) nor a registered model")

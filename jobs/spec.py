@@ -1,0 +1,185 @@
+"""Checks of a job spec that go beyond its schema, run before anything reaches a cluster.
+
+`seminar.config.load_spec` already checks types, ranges and unknown fields. A job that
+passes it can still fail minutes later on the cluster, so before a submission we also
+check, naming the spec field each time:
+
+  - the students' models are known;
+  - local paths: the dataset root, SBD root, click files and pretrained weights exist;
+  - classes: the dataset's classes fit (VOC has 21, CamVid 11; a click file's classes lie
+    inside the dataset's; a folder dataset names at least two classes);
+  - the sweep: every swept field exists in the spec and every value it can take is valid.
+
+Remote paths (s3://) are left to the cluster, which reads them with its own credentials.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from seminar.config import SpecError, TrainConfig, load_spec
+
+from seminar.data.datasets import CAMVID_CLASSES, VOC_CLASSES
+
+BUILTIN_NUM_CLASSES = {"voc": len(VOC_CLASSES), "camvid": len(CAMVID_CLASSES)}
+
+
+def load_checked_spec(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
+    """load_spec, then every check below; one SpecError lists all problems."""
+    cfg = load_spec(path, overrides)
+    check_spec(cfg, source=str(path) if path else "(default)")
+    return cfg
+
+
+def check_spec(cfg: TrainConfig, source: str = "spec") -> None:
+    path_problems = check_paths(cfg)
+    # Classes are read from the click files: only once those are known to exist.
+    problems = check_models(cfg) + path_problems + ([] if path_problems else check_classes(cfg))
+    if cfg.sweep is not None:
+        problems += check_search_space(cfg)
+    if problems:
+        raise SpecError("\n".join([f"invalid spec {source}:"] + [f"  {p}" for p in problems]))
+
+
+def check_models(cfg: TrainConfig) -> list[str]:
+    from seminar.models import MODEL_NAMES
+
+    return [f"students.{k}.model: unknown model {s.model!r} (known: {', '.join(MODEL_NAMES)})"
+            for k, s in enumerate(cfg.students) if s.model not in MODEL_NAMES]
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def check_paths(cfg: TrainConfig) -> list[str]:
+    """Every local path in the spec exists (as a directory or a file, as the field needs)."""
+    data = cfg.data
+    wanted: list[tuple[str, str | None, str]] = [
+        ("data.root", data.root, "dir"),
+        ("data.sbd_root", data.sbd_root, "dir"),
+        ("data.clicks", data.clicks, "file"),
+        *[(f"data.extra_clicks.{i}", p, "file") for i, p in enumerate(data.extra_clicks)],
+        *[(f"students.{k}.pretrained", s.pretrained, "file") for k, s in enumerate(cfg.students)],
+    ]
+    problems = []
+    for field, value, kind in wanted:
+        if value is None or _is_remote(value):
+            continue
+        p = Path(value).expanduser()
+        if kind == "dir" and not p.is_dir():
+            problems.append(f"{field}: no such directory: {value}")
+        elif kind == "file" and not p.is_file():
+            problems.append(f"{field}: no such file: {value}")
+    if problems:
+        return problems
+
+    # The split files the loaders will read (cheap to check, costly to find out on a cluster).
+    if data.root and not _is_remote(data.root):
+        root = Path(data.root).expanduser()
+        for field, split in (("data.train_split", data.train_split), ("data.val_split", data.val_split)):
+            if data.dataset == "voc":
+                split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+                if not split_file.is_file():
+                    problems.append(f"{field}: no split file {split_file}")
+            elif data.dataset == "camvid" and not (root / f"{split}.txt").is_file():
+                problems.append(f"{field}: no split file {root / f'{split}.txt'}")
+        if data.dataset == "voc" and not (root / "JPEGImages").is_dir():
+            problems.append(f"data.root: {root} has no JPEGImages/ (expected VOCdevkit/VOC2012)")
+        if data.dataset == "folder" and not (root / "images").is_dir():
+            problems.append(f"data.root: {root} has no images/ folder")
+    return problems
+
+
+def check_classes(cfg: TrainConfig) -> list[str]:
+    """The classes named or implied by the spec agree with each other and with the click files."""
+    data = cfg.data
+    if data.dataset == "synthetic":
+        num_classes = data.synthetic.num_classes
+    elif data.dataset in BUILTIN_NUM_CLASSES:
+        num_classes = BUILTIN_NUM_CLASSES[data.dataset]
+    else:
+        num_classes = len(data.classes or [])
+        if num_classes < 2:
+            return ["data.classes: a folder dataset needs at least 2 classes (background first)"]
+    problems = []
+    if data.classes is not None and len(data.classes) != num_classes:
+        problems.append(f"data.classes: names {len(data.classes)} classes but the {data.dataset} dataset has "
+                        f"{num_classes}")
+    if num_classes > 255:
+        problems.append(f"data.classes: {num_classes} classes do not fit in uint8 labels (at most 255)")
+
+    from seminar.data.clicks import ClickFileError, load_clicks, validate_clicks
+
+    click_files = [("data.clicks", data.clicks)] + [(f"data.extra_clicks.{i}", p) for i, p in enumerate(data.extra_clicks)]
+    for field, path in click_files:
+        if path is None or _is_remote(path):
+            continue
+        try:
+            validate_clicks(load_clicks(path), num_classes, path=path)
+        except ClickFileError as e:
+            problems.append(f"{field}: {e}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------
+# The sweep's search space (jobs.sweep turns it into Tune's)
+# --------------------------------------------------------------------------------------
+
+
+def set_field(raw: dict, dotted: str, value: Any) -> None:
+    """raw['a']['b'][0]['c'] = value for dotted 'a.b.0.c' (list items by index)."""
+    parts = dotted.split(".")
+    node: Any = raw
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def candidate_values(dist: dict[str, Any]) -> list[Any]:
+    """The values that decide whether a distribution is valid for its field: all of a grid
+    or choice, the ends of a range."""
+    kind, values = next(iter(dist.items()))
+    if kind in ("grid", "choice"):
+        return list(values)
+    if kind == "randint":
+        return [values[0], values[1] - 1]  # high is exclusive
+    return list(values)
+
+
+def check_search_space(cfg: TrainConfig) -> list[str]:
+    """Every swept field exists and accepts every value the sweep can give it."""
+    problems: list[str] = []
+    if cfg.sweep is None:
+        return problems
+    base = cfg.model_dump(mode="json")
+    for name, dist in cfg.sweep.params.items():
+        for value in candidate_values(dist):
+            raw = copy.deepcopy(base)
+            try:
+                set_field(raw, name, value)
+                TrainConfig.model_validate(raw)
+            except (IndexError, ValueError, TypeError, AttributeError) as e:
+                problems.append(f"sweep.params.{name}: value {value!r}: {_first_error(e, name)}")
+                break
+    return problems
+
+
+def _first_error(e: Exception, name: str) -> str:
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = "not a field of the spec" if err["type"] == "extra_forbidden" else err["msg"]
+        return msg if where == name else f"{where}: {msg}"
+    return f"not a field of the spec ({e})"

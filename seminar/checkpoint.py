@@ -1,0 +1,82 @@
+"""The checkpoint directory: everything needed to resume a run or serve its model.
+
+    meta.json                      step, spec, classes, palette, click source, metrics, version
+    student_<k>/student.pt         the student's state dict
+    student_<k>/teacher.pt         its EMA teacher's state dict
+    student_<k>/optimizer.pt       optimizer (and LR schedule) state
+    student_<k>/state.json         the step this student's files belong to
+
+Everything loads with `torch.load(..., weights_only=True)`. In a distributed run each
+worker writes only the students it owns; the directories merge into one checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__, storage
+from .config import TrainConfig
+from .data.base import DatasetInfo
+
+META = "meta.json"
+
+
+def write_student(directory: str | Path, k: int, step: int, student: nn.Module, teacher: nn.Module,
+                  optimizer_state: dict) -> None:
+    d = Path(directory) / f"student_{k}"
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(student.state_dict(), d / "student.pt")
+    torch.save(teacher.state_dict(), d / "teacher.pt")
+    torch.save(optimizer_state, d / "optimizer.pt")
+    (d / "state.json").write_text(json.dumps({"step": step}))
+
+
+def write_meta(directory: str | Path, cfg: TrainConfig, info: DatasetInfo, step: int,
+               metrics: dict[str, float]) -> None:
+    meta = {
+        "step": step,
+        "spec": cfg.model_dump(mode="json"),
+        "classes": list(info.classes),
+        "palette": [list(c) for c in info.palette],
+        "click_source": info.click_source,
+        "metrics": metrics,
+        "version": f"{cfg.storage.run_name or 'run'}@{step}",
+        "code_version": __version__,
+        "num_students": cfg.num_students,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (Path(directory) / META).write_text(json.dumps(meta, indent=1))
+
+
+def read_student(directory: str | Path, k: int) -> dict:
+    d = Path(directory) / f"student_{k}"
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint {directory} has no student_{k}/")
+    load = lambda name: torch.load(d / name, map_location="cpu", weights_only=True)  # noqa: E731
+    return {"student": load("student.pt"), "teacher": load("teacher.pt"), "optimizer": load("optimizer.pt"),
+            "step": json.loads((d / "state.json").read_text())["step"]}
+
+
+def local_copy(uri: str) -> Path:
+    """A local directory holding the checkpoint at `uri` (downloaded once if it is on S3)."""
+    if not storage.is_s3(uri):
+        path = Path(uri)
+        if not (path / META).is_file():
+            raise FileNotFoundError(f"{uri} is not a checkpoint (no {META})")
+        return path
+    cache = Path(tempfile.gettempdir()) / "seminar-checkpoints" / uri[len("s3://"):].replace("/", "__")
+    if not (cache / META).is_file():
+        storage.download_dir(uri, cache)
+        if not (cache / META).is_file():
+            raise FileNotFoundError(f"{uri} is not a checkpoint (no {META})")
+    return cache
+
+
+def read_meta(uri: str) -> dict:
+    return json.loads((local_copy(uri) / META).read_text())

@@ -1,0 +1,484 @@
+"""The datasets: synthetic shapes, Pascal VOC 2012 (+ SBD), CamVid, and a user's folder.
+
+Each is a torch Dataset of `Sample`s (image, mask or None, clicks) with `.info` and
+`.image_ids`. Everything that can be checked before training is checked when the dataset
+is built: image files exist, click tables name known images and classes, masks hold only
+class ids or 255 (all masks for sets up to MASK_CHECK_LIMIT images; larger sets check
+each mask when it is read). Errors name the file and, for masks, the first bad pixel.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+from torch.utils.data import Dataset
+
+from seminar.config import DataConfig
+from seminar.data.base import IGNORE_INDEX, DatasetInfo, Sample
+from seminar.data.clicks import (
+    ClickFit,
+    click_sources,
+    clicks_by_image,
+    concat_click_tables,
+    fit_clicks_to_image,
+    load_clicks,
+    simulate_clicks,
+    validate_clicks,
+)
+
+MASK_CHECK_LIMIT = 3000  # read every mask at construction up to this many images
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+CAMVID_CLASSES = (
+    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
+)  # fmt: skip
+CAMVID_VOID = 11
+CAMVID_PALETTE = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)  # fmt: skip
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file (and pixel) at fault."""
+
+
+def voc_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """The standard VOC colour map (bits of the class id spread over R, G, B)."""
+    colours = []
+    for c in range(num_classes):
+        r = g = b = 0
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and checking files.
+
+
+def read_image(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    with Image.open(path) as im:
+        return im.height, im.width
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """A mask PNG of class ids: palette (VOC) or greyscale (CamVid), never colour."""
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L"):
+            raise DatasetError(f"{path}: mask is a {im.mode} image; expected class ids (palette or greyscale PNG)")
+        return np.array(im)
+
+
+def read_sbd_mask(path: Path) -> np.ndarray:
+    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    return np.asarray(mat["GTcls"].Segmentation, np.uint8)
+
+
+def check_mask(mask: np.ndarray, num_classes: int, path: Path, size: tuple[int, int] | None = None) -> None:
+    """Raise unless the mask holds only 0..num_classes-1 and IGNORE_INDEX (and has `size`)."""
+    if size is not None and mask.shape != size:
+        raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
+    bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        raise DatasetError(
+            f"{path}: unexpected mask value {mask[row, col]} at pixel (row {row}, col {col}); "
+            f"expected 0..{num_classes - 1} or {IGNORE_INDEX} (ignore)"
+        )
+
+
+def _first_missing(paths: list[Path], what: str) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DatasetError(f"{missing[0]}: {what} not found ({len(missing)} missing)")
+
+
+def _read_split(path: Path, limit: int | None) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: split file not found")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return lines[:limit]
+
+
+def _seed_of(image_id: str) -> int:
+    """A stable per-image seed (Python's hash() changes between processes)."""
+    return zlib.crc32(image_id.encode())
+
+
+def rescale(sample: Sample, scale: float) -> Sample:
+    """Resize image (bilinear), mask (nearest) and click coordinates by `scale`."""
+    if scale == 1:
+        return sample
+    height, width = sample.image.shape[:2]
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    image = np.asarray(Image.fromarray(sample.image).resize((new_w, new_h), Image.BILINEAR))
+    mask = None
+    if sample.mask is not None:
+        mask = np.asarray(Image.fromarray(sample.mask).resize((new_w, new_h), Image.NEAREST))
+    clicks = sample.clicks.copy()
+    # Pixel centres map to pixel centres, as in the resize itself.
+    clicks[:, 0] = np.clip((clicks[:, 0] + 0.5) * new_w / width - 0.5, 0, new_w - 1)
+    clicks[:, 1] = np.clip((clicks[:, 1] + 0.5) * new_h / height - 0.5, 0, new_h - 1)
+    return Sample(sample.image_id, image, mask, clicks)
+
+
+# ---------------------------------------------------------------------------------------
+# The shared shape of every dataset.
+
+
+class SegmentationDataset(Dataset):
+    """`load(i)` reads sample i at its original size; `__getitem__` applies load_scale."""
+
+    info: DatasetInfo
+    image_ids: list[str]
+    load_scale: float = 1.0
+    click_fit: ClickFit  # stray clicks clipped onto / dropped from their image at construction
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> Sample:
+        return rescale(self.load(i), self.load_scale)
+
+    def load(self, i: int) -> Sample:
+        raise NotImplementedError
+
+
+def _load_click_tables(cfg: DataConfig, num_classes: int, known_ids: set[str]):
+    """Read and check cfg.clicks and cfg.extra_clicks; return (per-image clicks, sources)."""
+    tables = []
+    for path in [cfg.clicks, *cfg.extra_clicks]:
+        table = load_clicks(path)
+        validate_clicks(table, num_classes, known_ids, path=path)
+        tables.append(table)
+    merged = concat_click_tables(tables)
+    return clicks_by_image(merged), click_sources(merged)
+
+
+def _fit_all(clicks: dict[str, np.ndarray], image_ids: list[str], sizes: dict[str, tuple[int, int]]):
+    """Clicks of the split's images, fitted to their images; plus the clip/drop count."""
+    fitted, total = {}, ClickFit()
+    for image_id in image_ids:
+        mine = clicks.get(image_id, np.zeros((0, 3), np.float32))
+        fitted[image_id], fit = fit_clicks_to_image(mine, *sizes[image_id])
+        total = total + fit
+    return fitted, total
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic shapes.
+
+SHAPES = ("disk", "square", "triangle", "ring", "cross", "diamond", "ellipse", "hexagon")
+
+
+def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
+    """Pixels inside a shape of circumradius ~r centred at (cy, cx), rotated by `angle`."""
+    cos, sin = np.cos(angle), np.sin(angle)
+    u = (xx - cx) * cos + (yy - cy) * sin
+    v = -(xx - cx) * sin + (yy - cy) * cos
+    d = np.hypot(u, v)
+    if kind == "disk":
+        return d <= r
+    if kind == "square":
+        return np.maximum(abs(u), abs(v)) <= 0.8 * r
+    if kind == "triangle":  # three half-planes at inradius r/2
+        return np.all([u * np.cos(a) + v * np.sin(a) <= r / 2 for a in (np.pi / 2, 7 * np.pi / 6, 11 * np.pi / 6)], 0)
+    if kind == "ring":
+        return (d <= r) & (d >= 0.55 * r)
+    if kind == "cross":
+        return ((abs(u) <= 0.3 * r) & (abs(v) <= r)) | ((abs(v) <= 0.3 * r) & (abs(u) <= r))
+    if kind == "diamond":
+        return abs(u) + abs(v) <= r
+    if kind == "ellipse":
+        return (u / r) ** 2 + (v / (0.5 * r)) ** 2 <= 1
+    if kind == "hexagon":
+        return np.all([abs(u * np.cos(a) + v * np.sin(a)) <= 0.87 * r for a in (0, np.pi / 3, 2 * np.pi / 3)], 0)
+    raise ValueError(kind)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid, upsampled bilinearly."""
+    grid = rng.random((cells, cells))
+    return np.asarray(Image.fromarray(grid.astype(np.float32)).resize((size, size), Image.BILINEAR))
+
+
+def render_synthetic(
+    rng: np.random.Generator, size: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """An image of 1-4 shapes on a textured background and its mask.
+
+    Each foreground class c is one shape kind with its own hue band, saturated, on a
+    greyish textured background: separable by colour and shape, so a small network learns
+    it from clicks in minutes. Later shapes occlude earlier ones.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    tint = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.25), rng.uniform(0.35, 0.75)))
+    angle = rng.uniform(0, np.pi)
+    stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * rng.uniform(0.2, 0.8))
+    texture = 0.6 + 0.5 * _smooth_noise(rng, size, 6) + 0.15 * stripes
+    image = tint * texture[..., None]
+    mask = np.zeros((size, size), np.uint8)
+    num_foreground = num_classes - 1
+    for _ in range(rng.integers(1, 5)):
+        c = int(rng.integers(1, num_classes))
+        r = rng.uniform(0.1, 0.2) * size
+        cy, cx = rng.uniform(0.5 * r, size - 0.5 * r, size=2)
+        inside = _shape_mask(SHAPES[(c - 1) % len(SHAPES)], yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
+        hue = ((c - 1) / num_foreground + rng.uniform(-0.15, 0.15) / num_foreground) % 1.0
+        colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0)))
+        shading = 0.85 + 0.3 * _smooth_noise(rng, size, 4)
+        image[inside] = colour * shading[inside][:, None]
+        mask[inside] = c
+    image = image + rng.normal(0, 0.04, image.shape)
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
+
+
+class SyntheticDataset(SegmentationDataset):
+    """Shapes on textured backgrounds, generated from (seed, split, index); no files."""
+
+    def __init__(self, cfg: DataConfig, role: str, limit: int | None = None):
+        syn = cfg.synthetic
+        count = syn.num_train if role == "train" else syn.num_val
+        self.size, self.num_classes = syn.image_size, syn.num_classes
+        # Train and val draw from different streams (role is part of the seed).
+        self.split_code = 0 if role == "train" else 1
+        self.seed, self.click_seed, self.min_area = syn.seed, cfg.click_seed, cfg.simulated_min_area
+        self.image_ids = [f"{role}_{i:05d}" for i in range(count)][:limit]
+        self.load_scale = cfg.load_scale
+        self.click_fit = ClickFit()
+        classes = ("background", *(f"{SHAPES[(c - 1) % len(SHAPES)]}_{c}" for c in range(1, self.num_classes)))
+        self.info = DatasetInfo("synthetic", classes, voc_palette(self.num_classes), "simulated")
+
+    def load(self, i: int) -> Sample:
+        image, mask = render_synthetic(np.random.default_rng([self.seed, self.split_code, i]), self.size, self.num_classes)
+        image_id = self.image_ids[i]
+        clicks = simulate_clicks(mask, self.num_classes, self.min_area, [self.click_seed, _seed_of(image_id)])
+        return Sample(image_id, image, mask, clicks)
+
+
+# ---------------------------------------------------------------------------------------
+# Pascal VOC 2012 (+ SBD for train_aug).
+
+
+class VOCDataset(SegmentationDataset):
+    """`root` is VOCdevkit/VOC2012; masks from SegmentationClass, else SBD, else None.
+
+    Clicks come from cfg.clicks (+ extra_clicks), What's the Point JSON or Parquet. They
+    hold no background clicks, so with cfg.simulate_background one simulated background
+    click per background region of the ground truth is added, and the click source says
+    so (`wtp_main+simulated_bg_from_gt`). Without cfg.clicks, every click is simulated
+    from the ground truth (`simulated`).
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, limit: int | None = None):
+        root = Path(cfg.root)
+        self.image_ids = _read_split(root / "ImageSets" / "Segmentation" / f"{split}.txt", limit)
+        self.image_paths = [root / "JPEGImages" / f"{i}.jpg" for i in self.image_ids]
+        _first_missing(self.image_paths, "image")
+        self.mask_paths = [self._find_mask(root, cfg.sbd_root, i) for i in self.image_ids]
+        self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
+        self.num_classes = len(VOC_CLASSES)
+        sizes = {i: image_size(p) for i, p in zip(self.image_ids, self.image_paths)}
+        if len(self.image_ids) <= MASK_CHECK_LIMIT:
+            for image_id, path in zip(self.image_ids, self.mask_paths):
+                if path is not None:
+                    self._read_mask(path, sizes[image_id])
+
+        self.simulate_all = cfg.clicks is None
+        self.simulate_background = cfg.simulate_background and not self.simulate_all
+        if self.simulate_all:
+            self.clicks, self.click_fit, source = {}, ClickFit(), "simulated"
+        else:
+            known = {p.stem for p in (root / "JPEGImages").iterdir()}
+            clicks, sources = _load_click_tables(cfg, self.num_classes, known)
+            self.clicks, self.click_fit = _fit_all(clicks, self.image_ids, sizes)
+            if self.simulate_background:
+                sources.append("simulated_bg_from_gt")
+            source = "+".join(sources)
+        self.info = DatasetInfo("voc", VOC_CLASSES, voc_palette(self.num_classes), source)
+
+    @staticmethod
+    def _find_mask(root: Path, sbd_root: str | None, image_id: str) -> Path | None:
+        png = root / "SegmentationClass" / f"{image_id}.png"
+        if png.is_file():
+            return png
+        if sbd_root:
+            mat = Path(sbd_root) / "dataset" / "cls" / f"{image_id}.mat"
+            if mat.is_file():
+                return mat
+        return None  # detection-only images have no ground truth
+
+    def _read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+        mask = read_sbd_mask(path) if path.suffix == ".mat" else read_index_png(path)
+        check_mask(mask, self.num_classes, path, size)
+        return mask
+
+    def load(self, i: int) -> Sample:
+        image_id = self.image_ids[i]
+        image = read_image(self.image_paths[i])
+        path = self.mask_paths[i]
+        mask = None if path is None else self._read_mask(path, image.shape[:2])
+        seed = [self.click_seed, _seed_of(image_id)]
+        if self.simulate_all:
+            clicks = np.zeros((0, 3), np.float32)
+            if mask is not None:
+                clicks = simulate_clicks(mask, self.num_classes, self.min_area, seed)
+        else:
+            clicks = self.clicks[image_id]
+            if self.simulate_background and mask is not None:
+                background = simulate_clicks(mask, self.num_classes, self.min_area, seed, classes=[0])
+                clicks = np.concatenate([clicks, background])
+        return Sample(image_id, image, mask, clicks)
+
+
+# ---------------------------------------------------------------------------------------
+# CamVid (SegNet's 11-class version).
+
+
+def _resolve_listed(root: Path, listed: str) -> Path:
+    """A path from a CamVid list file, relative to root.
+
+    SegNet's lists carry its own prefix (`/SegNet/CamVid/trainannot/x.png`); where the
+    path does not exist under root, its last two parts (`trainannot/x.png`) are tried.
+    """
+    path = root / listed.lstrip("/")
+    if not path.exists():
+        parts = Path(listed).parts
+        path = root.joinpath(*parts[-2:])
+    return path
+
+
+class CamVidDataset(SegmentationDataset):
+    """`root/{split}.txt` lists `IMAGE MASK` per line; 11 classes, void (11) -> 255.
+
+    CamVid has no human clicks: they are simulated from the masks (seeded by
+    cfg.click_seed) and labelled `simulated`.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, limit: int | None = None):
+        root = Path(cfg.root)
+        list_file = root / f"{split}.txt"
+        self.image_paths, self.mask_paths = [], []
+        for number, line in enumerate(_read_split(list_file, limit), start=1):
+            fields = line.split()
+            if len(fields) != 2:
+                raise DatasetError(f"{list_file}: line {number}: expected 'IMAGE MASK', got {line!r}")
+            self.image_paths.append(_resolve_listed(root, fields[0]))
+            self.mask_paths.append(_resolve_listed(root, fields[1]))
+        _first_missing(self.image_paths, "image")
+        _first_missing(self.mask_paths, "mask")
+        self.image_ids = [p.stem for p in self.image_paths]
+        self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
+        self.click_fit = ClickFit()
+        self.info = DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE, "simulated")
+        if len(self.image_ids) <= MASK_CHECK_LIMIT:
+            for image_path, mask_path in zip(self.image_paths, self.mask_paths):
+                self._read_mask(mask_path, image_size(image_path))
+
+    def _read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+        mask = read_index_png(path)
+        mask[mask == CAMVID_VOID] = IGNORE_INDEX
+        check_mask(mask, len(CAMVID_CLASSES), path, size)
+        return mask
+
+    def load(self, i: int) -> Sample:
+        image = read_image(self.image_paths[i])
+        mask = self._read_mask(self.mask_paths[i], image.shape[:2])
+        image_id = self.image_ids[i]
+        clicks = simulate_clicks(mask, len(CAMVID_CLASSES), self.min_area, [self.click_seed, _seed_of(image_id)])
+        return Sample(image_id, image, mask, clicks)
+
+
+# ---------------------------------------------------------------------------------------
+# A user's folder.
+
+
+class FolderDataset(SegmentationDataset):
+    """`root/images/*.{jpg,jpeg,png}`, optional `root/masks/<id>.png`, a click table.
+
+    The split is `root/{split}.txt` (one image id per line) when that file exists, else
+    every image. Classes come from cfg.classes; the click source from the table (`user`
+    when it names none).
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, limit: int | None = None):
+        root = Path(cfg.root)
+        images_dir = root / "images"
+        if not images_dir.is_dir():
+            raise DatasetError(f"{images_dir}: image folder not found")
+        by_id: dict[str, Path] = {}
+        for path in sorted(images_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                if path.stem in by_id:
+                    raise DatasetError(f"{path}: two images share the id '{path.stem}' ({by_id[path.stem].name})")
+                by_id[path.stem] = path
+        split_file = root / f"{split}.txt"
+        self.image_ids = _read_split(split_file, limit) if split_file.is_file() else sorted(by_id)[:limit]
+        unknown = [i for i in self.image_ids if i not in by_id]
+        if unknown:
+            raise DatasetError(f"{split_file}: image '{unknown[0]}' not found in {images_dir} ({len(unknown)} missing)")
+        self.image_paths = [by_id[i] for i in self.image_ids]
+        masks = [root / "masks" / f"{i}.png" for i in self.image_ids]
+        self.mask_paths = [p if p.is_file() else None for p in masks]
+        self.num_classes = len(cfg.classes)
+        self.load_scale = cfg.load_scale
+        sizes = {i: image_size(p) for i, p in zip(self.image_ids, self.image_paths)}
+        if len(self.image_ids) <= MASK_CHECK_LIMIT:
+            for image_id, path in zip(self.image_ids, self.mask_paths):
+                if path is not None:
+                    self._read_mask(path, sizes[image_id])
+        clicks, sources = _load_click_tables(cfg, self.num_classes, set(by_id))
+        self.clicks, self.click_fit = _fit_all(clicks, self.image_ids, sizes)
+        self.info = DatasetInfo("folder", tuple(cfg.classes), voc_palette(self.num_classes), "+".join(sources) or "user")
+
+    def _read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+        mask = read_index_png(path)
+        check_mask(mask, self.num_classes, path, size)
+        return mask
+
+    def load(self, i: int) -> Sample:
+        image = read_image(self.image_paths[i])
+        path = self.mask_paths[i]
+        mask = None if path is None else self._read_mask(path, image.shape[:2])
+        return Sample(self.image_ids[i], image, mask, self.clicks[self.image_ids[i]])
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def build_dataset(cfg: DataConfig, split: str) -> SegmentationDataset:
+    """The training or validation set of cfg.
+
+    `split` is "train" or "val" (or the configured split names, e.g. "train_aug"): the
+    split file is cfg.train_split / cfg.val_split and max_train / max_val truncate it.
+    """
+    if split in ("train", cfg.train_split):
+        role, name, limit = "train", cfg.train_split, cfg.max_train
+    elif split in ("val", cfg.val_split):
+        role, name, limit = "val", cfg.val_split, cfg.max_val
+    else:
+        raise ValueError(f"unknown split '{split}': expected 'train' or 'val' ({cfg.train_split}/{cfg.val_split})")
+    if cfg.dataset == "synthetic":
+        return SyntheticDataset(cfg, role, limit)
+    datasets = {"voc": VOCDataset, "camvid": CamVidDataset, "folder": FolderDataset}
+    return datasets[cfg.dataset](cfg, name, limit)

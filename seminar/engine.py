@@ -1,0 +1,295 @@
+"""The training loop, one per worker, for both worlds.
+
+A worker hosts some of the K students (all of them in-process, one each on a Ray
+cluster) and one data-parallel replica of them. Each step:
+
+  1. look ahead: every hosted teacher predicts batch t+1 (weak view) and publishes its
+     compact prediction, so that peers' predictions are already there when needed;
+  2. collect the peers' predictions for batch t and fuse them into pseudo-labels;
+  3. train each hosted student on its strong view of batch t; update its EMA teacher.
+
+The exchange is an interface (`seminar.exchange`): in-process a dict, on Ray the object
+store. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint
+from .config import TrainConfig
+from .data import build_dataset
+from .data.transforms import SeminarViews
+from .exchange import CompactPrediction, Exchange
+from .method import EmaTeacher, fuse_pseudo_labels, student_losses
+from .metrics import ConfusionMatrix
+from .models import build_model
+
+Reporter = Callable[[dict[str, float], "str | None"], None]
+
+
+@dataclass
+class WorkerContext:
+    students: list[int]
+    replica: int = 0
+    num_replicas: int = 1
+    process_group: "dist.ProcessGroup | None" = None  # this student's replicas
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    attempt: int = 0
+
+
+@dataclass
+class Student:
+    """One hosted student: its network (maybe DDP-wrapped), EMA teacher and optimizer."""
+
+    index: int
+    model: nn.Module  # what trains (DDP wrapper when replicated)
+    net: nn.Module  # the bare network (what the teacher averages and checkpoints hold)
+    teacher: EmaTeacher
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def build_student(cfg: TrainConfig, k: int, num_classes: int, ctx: WorkerContext) -> Student:
+    spec = cfg.students[k]
+    torch.manual_seed(spec.seed)  # same initial weights for student k wherever it runs
+    net = build_model(spec.model, num_classes, spec.output_stride, spec.pretrained, spec.decoder_channels).to(ctx.device)
+    teacher = EmaTeacher(net)
+    model = net
+    if ctx.process_group is not None and dist.get_world_size(ctx.process_group) > 1:
+        model = DistributedDataParallel(net, process_group=ctx.process_group)
+    o = cfg.optim
+    if o.optimizer == "sgd":
+        optimizer = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    # Poly decay, the DeepLab schedule.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, 1.0 - s / o.steps) ** o.poly_power)
+    return Student(k, model, net, teacher, optimizer, scheduler)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item i is this replica's share of the batch for step `start + i`.
+
+    Every worker computes the same per-epoch permutation from the seed, so all students
+    see the same samples in the same order with the same geometry; replica r takes the
+    r-th slice of each batch. Resuming at a step needs nothing but the step.
+    """
+
+    def __init__(self, dataset, views: SeminarViews, students: list[int], batch_size: int,
+                 replica: int, num_replicas: int, seed: int, start: int, stop: int):
+        self.dataset, self.views, self.students = dataset, views, students
+        self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
+        self.per_replica = batch_size // num_replicas
+        self.offset = replica * self.per_replica
+        self.steps_per_epoch = len(dataset) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has {len(dataset)} images, fewer than optim.batch_size={batch_size}")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def indices(self, step: int) -> tuple[int, np.ndarray]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        batch = order[pos * self.batch_size:(pos + 1) * self.batch_size]
+        return epoch, batch[self.offset:self.offset + self.per_replica]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        epoch, indices = self.indices(self.start + i)
+        items = [self.views(self.dataset[int(j)], epoch, int(j), self.students) for j in indices]
+        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+
+
+def iterate_batches(dataset: StepBatches, workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    yield from torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                           persistent_workers=False, prefetch_factor=2 if workers else None)
+
+
+@torch.no_grad()
+def evaluate(models: dict[str, nn.Module], dataset, views: SeminarViews, num_classes: int, ctx: WorkerContext,
+             batch_size: int = 8) -> dict[str, ConfusionMatrix]:
+    """Confusion matrices of several models over this replica's shard of `dataset`,
+    summed over the student's replicas."""
+    matrices = {name: ConfusionMatrix(num_classes) for name in models}
+    for m in models.values():
+        m.eval()
+    shard = range(ctx.replica, len(dataset), ctx.num_replicas)
+    pending: list[dict[str, torch.Tensor]] = []
+
+    def flush():
+        images = torch.stack([p["image_weak"] for p in pending]).to(ctx.device)
+        target = torch.stack([p["mask"] for p in pending])
+        for name, m in models.items():
+            matrices[name].update(target, m(images).argmax(1).cpu())
+        pending.clear()
+
+    for i in shard:
+        item = views(dataset[i], 0, i, [], train=False)
+        if pending and (item["image_weak"].shape != pending[0]["image_weak"].shape or len(pending) == batch_size):
+            flush()
+        pending.append(item)
+    if pending:
+        flush()
+    for cm in matrices.values():
+        cm.all_reduce(ctx.process_group)
+    return matrices
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None, report: Reporter,
+                 resume_from: str | None = None) -> dict[str, float]:
+    """Train the students in `ctx.students` for `cfg.optim.steps` steps; see the module doc."""
+    if cfg.resources.torch_threads:
+        torch.set_num_threads(cfg.resources.torch_threads)
+    method, optim = cfg.method, cfg.optim
+    train_set = build_dataset(cfg.data, cfg.data.train_split)
+    val_set = build_dataset(cfg.data, cfg.data.val_split)
+    info = train_set.info
+    views = SeminarViews(cfg.data.crop_size, cfg.data.scale_range, cfg.data.click_radius,
+                         [s.augment for s in cfg.students], seed=optim.seed)
+    students = {k: build_student(cfg, k, info.num_classes, ctx) for k in ctx.students}
+
+    start = 0
+    if resume_from:
+        for k, s in students.items():
+            state = checkpoint.read_student(resume_from, k)
+            s.net.load_state_dict(state["student"])
+            s.teacher.module.load_state_dict(state["teacher"])
+            s.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+            s.scheduler.load_state_dict(state["optimizer"]["scheduler"])
+            start = state["step"]
+
+    # Exchanging labels only makes sense with peers and a student-student loss.
+    use_exchange = exchange is not None and cfg.num_students > 1 and method.w_ss > 0
+    need_teacher_probs = method.w_ts > 0
+
+    def look_ahead(step: int, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Teacher probabilities of `batch` for the hosted students; publish them to peers."""
+        weak = batch["image_weak"]
+        teacher_probs = {}
+        for k, s in students.items():
+            if need_teacher_probs or (use_exchange and method.pseudo_from == "teacher"):
+                with torch.no_grad():
+                    teacher_probs[k] = s.teacher(weak).softmax(1)
+            if use_exchange:
+                if method.pseudo_from == "teacher":
+                    source = teacher_probs[k]
+                else:  # CPS-like: the peers see the student's own (current) prediction
+                    s.net.eval()
+                    with torch.no_grad():
+                        source = s.net(weak).softmax(1)
+                    s.net.train()
+                exchange.publish(step, k, CompactPrediction.from_probs(source))
+        return teacher_probs
+
+    stream = iterate_batches(
+        StepBatches(train_set, views, ctx.students, optim.batch_size, ctx.replica, ctx.num_replicas,
+                    optim.seed, start, optim.steps), cfg.resources.loader_workers)
+    batch = _to_device(next(iter_ := iter(stream)), ctx.device)
+    teacher_probs = look_ahead(start, batch)
+
+    sums: dict[str, float] = defaultdict(float)
+    counted = 0
+    last: dict[str, float] = {}
+    per_replica = optim.batch_size // ctx.num_replicas
+    for step in range(start, optim.steps):
+        t0 = time.perf_counter()
+        next_batch = next_teacher_probs = None
+        if step + 1 < optim.steps:  # 1. look ahead
+            next_batch = _to_device(next(iter_), ctx.device)
+            next_teacher_probs = look_ahead(step + 1, next_batch)
+
+        for position, (k, s) in enumerate(students.items()):
+            pseudo_label, wait = None, 0.0
+            if use_exchange:  # 2. peers' predictions for this batch
+                t_wait = time.perf_counter()
+                peers = exchange.collect(step, k)
+                wait = time.perf_counter() - t_wait
+                pseudo_label, _ = fuse_pseudo_labels(peers, info.num_classes, method.tau,
+                                                     batch["click_map"], batch["valid"])
+            # 3. train the student on its strong view
+            s.model.train()
+            logits = s.model(batch["image_strong"][:, position])
+            losses = student_losses(method, step, logits, batch, teacher_probs.get(k), pseudo_label)
+            s.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            s.optimizer.step()
+            s.scheduler.step()
+            s.teacher.update(s.net, step, method.ema_decay)
+
+            for name, value in losses.items():
+                sums[f"s{k}/{name}"] += float(value)
+            if pseudo_label is not None:
+                labelled = (pseudo_label != 255) & batch["valid"]
+                sums[f"s{k}/pseudo_frac"] += float(labelled.sum() / batch["valid"].sum().clamp(min=1))
+            sums[f"s{k}/exchange_wait"] += wait
+
+        step_time = time.perf_counter() - t0
+        for k in students:
+            sums[f"s{k}/step_time"] += step_time
+            sums[f"s{k}/images_per_s"] += per_replica / step_time
+        counted += 1
+        batch, teacher_probs = next_batch, next_teacher_probs
+
+        done = step + 1
+        is_eval = done % cfg.schedule.eval_every == 0 or done == optim.steps
+        is_ckpt = done % cfg.schedule.checkpoint_every == 0 or done == optim.steps
+        if done % cfg.schedule.log_every == 0 or is_eval or is_ckpt:
+            last = {name: value / counted for name, value in sums.items()}
+            last.update(step=done, epoch=done * optim.batch_size / len(train_set))
+            sums.clear()
+            counted = 0
+            if is_eval:
+                last.update(validate(cfg, students, val_set, views, info.num_classes, ctx))
+            if is_ckpt:
+                directory = tempfile.mkdtemp(prefix="seminar-ckpt-")
+                try:
+                    write_checkpoint(directory, cfg, students, info, done, last, ctx)
+                    report(dict(last), directory)
+                finally:
+                    shutil.rmtree(directory, ignore_errors=True)
+            else:
+                report(dict(last), None)
+    return last
+
+
+def validate(cfg: TrainConfig, students: dict[int, Student], val_set, views: SeminarViews, num_classes: int,
+             ctx: WorkerContext) -> dict[str, float]:
+    models = {}
+    for k, s in students.items():
+        models[f"s{k}/val_miou_student"] = s.net
+        models[f"s{k}/val_miou_teacher"] = s.teacher
+    matrices = evaluate(models, val_set, views, num_classes, ctx)
+    out = {name: cm.miou() for name, cm in matrices.items()}
+    if 0 in students:  # the served model: the primary's teacher, or the primary student
+        served = "s0/val_miou_student" if cfg.method.inference == "primary_student" else "s0/val_miou_teacher"
+        out["val/miou"] = out[served]
+        out.update({f"val/iou/{i}": v for i, v in enumerate(matrices[served].iou().tolist())})
+    return out
+
+
+def write_checkpoint(directory: str, cfg: TrainConfig, students: dict[int, Student], info, step: int,
+                     metrics: dict[str, float], ctx: WorkerContext) -> None:
+    if ctx.replica != 0:
+        return  # replicas hold identical weights; replica 0 writes them
+    for k, s in students.items():
+        checkpoint.write_student(directory, k, step, s.net, s.teacher.module,
+                                 {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()})
+    if 0 in students:
+        checkpoint.write_meta(directory, cfg, info, step, metrics)

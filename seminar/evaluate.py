@@ -1,0 +1,83 @@
+"""`seminar evaluate`: a checkpoint's per-class IoU and mIoU on a dataset, and a picture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .data import build_dataset
+from .data.base import IGNORE_INDEX
+from .data.transforms import normalize
+from .metrics import ConfusionMatrix
+from .predict import Segmenter
+
+
+@dataclass
+class Evaluation:
+    matrix: ConfusionMatrix
+    classes: list[str]
+    dataset: str
+    split: str
+    click_source: str
+    images: int
+
+
+def evaluate_checkpoint(segmenter: Segmenter, data: DataConfig, split: str) -> Evaluation:
+    dataset = build_dataset(data, split)
+    if dataset.info.num_classes != len(segmenter.classes):
+        raise ValueError(f"the model has {len(segmenter.classes)} classes, the {data.dataset} data "
+                         f"{dataset.info.num_classes}")
+    matrix = ConfusionMatrix(len(segmenter.classes))
+    scored = 0
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if sample.mask is None:
+            continue  # no ground truth (e.g. a detection-only VOC image)
+        probs = segmenter.predict_probs(normalize(sample.image).unsqueeze(0))
+        matrix.update(torch.from_numpy(sample.mask.astype(np.int64)), probs.argmax(1)[0].cpu())
+        scored += 1
+    return Evaluation(matrix, segmenter.classes, data.dataset, split, dataset.info.click_source, scored)
+
+
+def colorize(labels: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(palette)] = palette
+    lut[IGNORE_INDEX] = (255, 255, 255)
+    return lut[labels]
+
+
+def save_grid(segmenter: Segmenter, data: DataConfig, split: str, path: str | Path, count: int) -> Path:
+    """A PNG with one row per sample: image | clicks | prediction | ground truth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dataset = build_dataset(data, split)
+    count = min(count, len(dataset))
+    fig, axes = plt.subplots(count, 4, figsize=(12, 3 * count), squeeze=False)
+    for row, i in enumerate(np.linspace(0, len(dataset) - 1, count).astype(int)):
+        sample = dataset[int(i)]
+        label, _ = segmenter.segment(sample.image)
+        panels = [("image", sample.image), ("clicks", sample.image),
+                  ("prediction", colorize(label, segmenter.palette)),
+                  ("ground truth", colorize(sample.mask, segmenter.palette) if sample.mask is not None
+                   else np.full_like(sample.image, 255))]
+        for col, (title, picture) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(picture)
+            ax.set_axis_off()
+            ax.set_title(f"{sample.image_id}: {title}" if col == 0 else title, fontsize=8)
+        if len(sample.clicks):
+            colours = np.array(segmenter.palette)[sample.clicks[:, 2].astype(int)] / 255.0
+            axes[row, 1].scatter(sample.clicks[:, 0], sample.clicks[:, 1], c=colours, s=40, edgecolors="white")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,42 @@
+"""Confusion-matrix mIoU: the one evaluation every report uses."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .data.base import IGNORE_INDEX
+
+
+class ConfusionMatrix:
+    """Rows = ground truth, columns = prediction; ignore-labelled pixels are left out."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        keep = target != IGNORE_INDEX
+        t, p = target[keep].long().cpu(), pred[keep].long().cpu()
+        self.matrix += torch.bincount(t * self.num_classes + p, minlength=self.num_classes**2).view(
+            self.num_classes, self.num_classes)
+
+    def all_reduce(self, group=None) -> None:
+        """Sum over the workers that evaluated disjoint shards."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(self.matrix, group=group)
+
+    def iou(self) -> torch.Tensor:
+        """Per-class IoU; NaN for a class absent from both ground truth and prediction."""
+        m = self.matrix.double()
+        tp = m.diag()
+        union = m.sum(0) + m.sum(1) - tp
+        return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+    def miou(self) -> float:
+        iou = self.iou()
+        return float(iou[~iou.isnan()].mean()) if (~iou.isnan()).any() else 0.0
+
+    def pixel_accuracy(self) -> float:
+        total = self.matrix.sum()
+        return float(self.matrix.diag().sum() / total) if total else 0.0

@@ -1,0 +1,86 @@
+"""Segmentation models: DeepLabV3+ over ResNet-18/34/50/101 or MobileNetV2, behind a registry.
+
+    model = build_model("deeplabv3plus_resnet50", num_classes=21, output_stride=16,
+                        pretrained="resnet50-0676ba61.pth")   # a torchvision ImageNet file
+
+The backbones carry torchvision's parameter names, so torchvision ImageNet weights load into
+``model.backbone`` directly (torchvision itself is not needed, or installable, here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from os import PathLike
+
+import torch
+from torch import nn
+
+from seminar.models.deeplab import DeepLabV3Plus
+from seminar.models.mobilenetv2 import mobilenet_v2
+from seminar.models.resnet import resnet
+
+# backbone name -> builder taking the output stride.
+BACKBONES: dict[str, Callable[[int], nn.Module]] = {
+    "resnet18": partial(resnet, "resnet18"),
+    "resnet34": partial(resnet, "resnet34"),
+    "resnet50": partial(resnet, "resnet50"),
+    "resnet101": partial(resnet, "resnet101"),
+    "mobilenetv2": mobilenet_v2,
+}
+MODEL_PREFIX = "deeplabv3plus_"
+MODEL_NAMES: tuple[str, ...] = tuple(MODEL_PREFIX + name for name in BACKBONES)
+
+# ImageNet classification heads (ResNet's ``fc``, MobileNetV2's ``classifier``) have no place in
+# a segmentation backbone.
+CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+# How many offending keys of each kind an error message names.
+KEYS_SHOWN = 5
+
+__all__ = ["MODEL_NAMES", "DeepLabV3Plus", "build_model", "load_backbone_weights"]
+
+
+def build_model(name: str, num_classes: int, output_stride: int = 16, pretrained: str | None = None,
+                decoder_channels: int = 256) -> DeepLabV3Plus:
+    """Build a registered model; ``pretrained`` is a torchvision ImageNet weights file for its backbone."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    backbone = BACKBONES[name.removeprefix(MODEL_PREFIX)](output_stride)
+    model = DeepLabV3Plus(backbone, num_classes, output_stride, decoder_channels)
+    if pretrained is not None:
+        load_backbone_weights(model.backbone, pretrained)
+    return model
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | PathLike[str]) -> None:
+    """Load a torchvision-format state_dict file into ``backbone``, all of it or nothing.
+
+    The file is read with ``weights_only=True`` (tensors only, no code). Its ``fc.*`` /
+    ``classifier.*`` entries are dropped; every other key must match the backbone's name and shape,
+    else a ValueError names the file and the first offending keys, and nothing is loaded.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+
+    expected = backbone.state_dict()
+    # Files saved before PyTorch 0.4.1 (e.g. resnet50-19c8e357.pth) have no BatchNorm
+    # num_batches_tracked; BatchNorm fills it in itself, so its absence is not a mismatch.
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mis_shaped = [
+        f"{k} (file {tuple(getattr(v, 'shape', ()))}, model {tuple(expected[k].shape)})"
+        for k, v in state.items()
+        if k in expected and getattr(v, "shape", None) != expected[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        problems = [
+            f"{len(keys)} {what}: {', '.join(keys[:KEYS_SHOWN])}{', ...' if len(keys) > KEYS_SHOWN else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+            if keys
+        ]
+        raise ValueError(
+            f"weights file {path} does not fit the {type(backbone).__name__} backbone: " + "; ".join(problems)
+        )
+    backbone.load_state_dict(state)

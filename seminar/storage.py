@@ -1,0 +1,62 @@
+"""Local paths and `s3://` URIs behind one small API.
+
+pyarrow's filesystems move directories (what Ray's storage uses too); S3 credentials and
+the endpoint come from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_ENDPOINT_URL`, `AWS_REGION`), never from specs or logs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc or endpoint, scheme=parsed.scheme or "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an s3:// URI."""
+    if is_s3(uri):
+        return s3_filesystem(), str(uri)[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def upload_dir(local: str | Path, uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def download_dir(uri: str, local: str | Path) -> Path:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no directory at {uri}")
+    Path(local).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(Path(local).resolve()), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return Path(local)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()

@@ -1,0 +1,307 @@
+"""The Ray Serve application: one deployment that is both the FastAPI ingress and the model.
+
+A replica loads the checkpoint, runs one warm-up forward, and then answers
+
+    POST /v1/segment?format=png|json|overlay   a JPEG or PNG (raw body or multipart file field)
+    GET  /v1/model                             classes, palette, version, metrics, click source
+    GET  /healthz   GET /readyz                alive / weights loaded and warm-up done
+    GET  /                                     a page to try it in a browser
+
+Every answer carries `X-Model-Version`. Refused inputs get 4xx with a JSON body
+`{"error": <code>, "detail": <reason>}` (see `serving.imaging`); an overloaded
+deployment answers 503 with `Retry-After` (Serve's `max_queued_requests` with a
+`BackpressureConfig`), instead of queueing without bound.
+
+Why a single deployment: on a few CPU cores, a separate ingress deployment would cost a
+second hop per request and a process competing with the model for the same cores.
+Decoding and encoding run in threads, so the replica's event loop keeps accepting and
+batching requests while a forward runs (torch releases the GIL).
+
+`build_app` is the application builder behind both `seminar serve` and
+`serving/serve_config.yaml`.
+"""
+
+import asyncio
+import math
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.config import BackpressureConfig
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from seminar.config import ServingConfig
+from seminar.data.transforms import normalize
+from seminar.predict import Segmenter
+from serving.batching import PixelBudget, QueuedImage, batch_cost, predict_batch, restore_size
+from serving.imaging import (
+    RLE_CONVENTION,
+    InputError,
+    check_declared_type,
+    check_size,
+    decode_image,
+    label_png,
+    mime_type,
+    overlay_png,
+    resize_long_side,
+    segmentation_json,
+)
+from serving.metrics import ServingMetrics
+from serving.model_uri import resolve_model_uri
+
+WEB_PAGE = Path(__file__).parent / "index.html"
+ROUTES = ("/", "/healthz", "/readyz", "/v1/model", "/v1/segment")
+# Room for the multipart envelope around an image of max_bytes.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+OutputFormat = Literal["png", "json", "overlay"]
+
+
+class ServeArgs(BaseModel):
+    """The application's arguments (`args:` in serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="checkpoint dir, s3:// URI, or registry name <prefix>/<model>[/<version>]")
+    which: Literal["primary_teacher", "primary_student", "teacher_ensemble"] | None = Field(
+        None, description="which network answers (default: the spec's method.inference)")
+    registry: str | None = Field(None, description="registry for bare model names (default: $SEMINAR_REGISTRY)")
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+
+
+class SegmentationService:
+    """What one replica holds: the model, the batch queue, the metrics."""
+
+    def __init__(self, args: ServeArgs):
+        self.args = args
+        self.cfg = cfg = args.serving
+        torch.set_num_threads(cfg.torch_threads or len(os.sched_getaffinity(0)))
+        self.ready = False
+        resolved = resolve_model_uri(args.model, args.registry)
+        self.segmenter = Segmenter.load(resolved.checkpoint, args.which, cfg.device)
+        self.resolved = resolved
+        self.version = resolved.version
+        self.untinted = tuple(i for i, name in enumerate(self.segmenter.classes) if name.lower() == "background")
+        self.budget = PixelBudget(cfg.max_batch_size, cfg.batch_pixel_budget)
+        self.infer.set_max_batch_size(cfg.max_batch_size)
+        self.infer.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.metrics = ServingMetrics(self.version, self.segmenter.which)
+        # Warm-up: the first forward allocates and picks kernels; pay for it before /readyz says yes.
+        warm = torch.zeros(3, cfg.infer_size, cfg.infer_size * 3 // 4)
+        predict_batch(self.segmenter.predict_probs, [warm])
+        self.ready = True
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_http_app(self)
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; a replica that raises is replaced."""
+        if not self.ready:
+            raise RuntimeError("model not loaded")
+
+    # ---- the batched forward ---------------------------------------------------------
+
+    # The limits here are placeholders: __init__ sets the configured ones.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=batch_cost)
+    async def infer(self, images: list[QueuedImage]) -> list[torch.Tensor]:
+        return await asyncio.to_thread(self._forward, images)
+
+    def _forward(self, images: list[QueuedImage]) -> list[torch.Tensor]:
+        height, width = max(i.height for i in images), max(i.width for i in images)
+        self.metrics.batch(len(images), len(images) * height * width)
+        return predict_batch(self.segmenter.predict_probs, [i.tensor for i in images])
+
+    # ---- one request -----------------------------------------------------------------
+
+    def _prepare(self, data: bytes) -> tuple[np.ndarray, torch.Tensor]:
+        image = decode_image(data, self.cfg.max_pixels)
+        self.metrics.image(image.shape[1], image.shape[0])
+        return image, normalize(resize_long_side(image, self.cfg.infer_size))
+
+    def _answer(self, image: np.ndarray, probs: torch.Tensor, fmt: OutputFormat, alpha: float) -> Response:
+        labels, confidence = restore_size(probs, *image.shape[:2])
+        present = ",".join(str(c) for c in np.flatnonzero(np.bincount(labels.ravel())))
+        headers = {"X-Classes-Present": present}
+        classes, palette = self.segmenter.classes, self.segmenter.palette
+        if fmt == "json":
+            return JSONResponse(segmentation_json(labels, confidence, classes, palette, self.version),
+                                headers=headers)
+        if fmt == "overlay":
+            body = overlay_png(image, labels, palette, alpha, self.untinted)
+        else:
+            body = label_png(labels, palette)
+        return Response(body, media_type="image/png", headers=headers)
+
+    async def segment(self, data: bytes, fmt: OutputFormat, alpha: float | None) -> Response:
+        image, tensor = await asyncio.to_thread(self._prepare, data)
+        probs = await self.infer(QueuedImage(tensor, self.budget))
+        alpha = self.cfg.overlay_alpha if alpha is None else alpha
+        return await asyncio.to_thread(self._answer, image, probs, fmt, alpha)
+
+    def describe(self) -> dict:
+        meta = self.segmenter.metadata
+        return {
+            "version": self.version,
+            "checkpoint_version": self.segmenter.version,
+            "which": self.segmenter.which,
+            "source": self.args.model,
+            "classes": [{"id": i, "name": name, "color": list(colour)}
+                        for i, (name, colour) in enumerate(zip(self.segmenter.classes, self.segmenter.palette))],
+            "palette": [list(c) for c in self.segmenter.palette],
+            "click_source": meta.get("click_source"),
+            "metrics": _finite(self.resolved.registry_metadata.get("metrics") or meta.get("metrics") or {}),
+            "step": meta.get("step"),
+            "created": meta.get("created"),
+            "code_version": meta.get("code_version"),
+            "registry": {k: self.resolved.registry_metadata.get(k) for k in ("model", "version", "created")}
+            if self.resolved.registry_metadata else None,
+            "inference": {"infer_size": self.cfg.infer_size, "max_batch_size": self.cfg.max_batch_size,
+                          "batch_pixel_budget": self.cfg.batch_pixel_budget, "device": self.cfg.device},
+            "limits": {"max_bytes": self.cfg.max_bytes, "max_pixels": self.cfg.max_pixels,
+                       "content_types": ["image/jpeg", "image/png"]},
+            "formats": ["png", "json", "overlay"],
+            "rle_format": RLE_CONVENTION,
+        }
+
+
+def _finite(metrics: dict) -> dict:
+    """JSON has no NaN: report a metric that was never measured as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+# ---- HTTP ----------------------------------------------------------------------------
+
+
+async def read_upload(request: Request, max_bytes: int) -> bytes:
+    """The image bytes of a raw or multipart body, refusing oversize bodies early."""
+    content_type = mime_type(request.headers.get("content-type"))
+    multipart = content_type == "multipart/form-data"
+    if not multipart:
+        check_declared_type(content_type)
+    limit = max_bytes + (MULTIPART_OVERHEAD_BYTES if multipart else 0)
+    declared_length = request.headers.get("content-length", "")
+    if declared_length.isdigit():
+        check_size(int(declared_length), limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        check_size(len(body), limit)
+    data = await _file_field(request, bytes(body)) if multipart else bytes(body)
+    check_size(len(data), max_bytes)
+    return data
+
+
+async def _file_field(request: Request, body: bytes) -> bytes:
+    """The first file of a multipart/form-data body (field 'file', 'image', or any)."""
+    async def replay():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, replay(), max_files=4, max_fields=16).parse()
+    except MultiPartException as e:
+        raise InputError(400, "bad_multipart", f"the multipart body cannot be parsed: {e.message}") from None
+    files = [(name, value) for name, value in form.multi_items() if isinstance(value, UploadFile)]
+    if not files:
+        raise InputError(400, "empty_body", "the multipart body has no file field; send the image as "
+                                            "a file field named 'file'")
+    files.sort(key=lambda item: item[0] not in ("file", "image"))
+    upload = files[0][1]
+    check_declared_type(upload.content_type)
+    data = await upload.read()
+    await form.close()
+    return data
+
+
+def _route_of(request: Request) -> str:
+    """The route for metric labels: a known path or 'other' (keeps the label set small)."""
+    path = request.scope["path"]
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path if path in ROUTES else "other"
+
+
+def build_http_app(service: SegmentationService) -> FastAPI:
+    app = FastAPI(title="Seminar segmentation", version=service.version)
+
+    @app.middleware("http")
+    async def version_header_and_metrics(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        response.headers["X-Model-Version"] = service.version
+        service.metrics.request(_route_of(request), response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(InputError)
+    async def refused(request: Request, error: InputError) -> JSONResponse:
+        return JSONResponse({"error": error.error, "detail": error.detail}, status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, error: RequestValidationError) -> JSONResponse:
+        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors())
+        return JSONResponse({"error": "invalid_parameter", "detail": reasons}, status_code=422)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(WEB_PAGE.read_text())
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"alive": True}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if not service.ready:
+            return JSONResponse({"ready": False, "detail": "loading the model"}, status_code=503)
+        return JSONResponse({"ready": True, "model_version": service.version})
+
+    @app.get("/v1/model")
+    async def model() -> dict:
+        return service.describe()
+
+    @app.post("/v1/segment", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+    async def segment(request: Request, format: OutputFormat = "png",
+                      alpha: float | None = Query(None, ge=0, le=1, description="overlay opacity")) -> Response:
+        data = await read_upload(request, service.cfg.max_bytes)
+        return await service.segment(data, format, alpha)
+
+    return app
+
+
+# ---- the Serve application -----------------------------------------------------------
+
+SegmentationDeployment = serve.deployment(name="segmenter")(serve.ingress()(SegmentationService))
+
+
+def deployment_options(cfg: ServingConfig) -> dict:
+    options = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        # Without retry_after_s Serve's 503 carries no Retry-After header.
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.device == "cuda" else 0},
+    }
+    if cfg.num_replicas is not None:
+        options["num_replicas"] = cfg.num_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "initial_replicas": max(cfg.min_replicas, 1),
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        }
+    return options
+
+
+def build_app(args: ServeArgs | dict) -> serve.Application:
+    """Application builder: `serving.app:build_app` in serve_config.yaml, or `seminar serve`."""
+    args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
+    return SegmentationDeployment.options(**deployment_options(args.serving)).bind(args)

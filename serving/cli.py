@@ -1,0 +1,100 @@
+"""`seminar serve MODEL`: host a trained model over HTTP with Ray Serve.
+
+    seminar serve runs/<run>/checkpoints/step_0000300            # a checkpoint directory
+    seminar serve s3://bucket/runs/<run>/checkpoints/step_0000300
+    seminar serve models/seminar/3                                # a registry version
+    seminar serve seminar --registry s3://bucket/models           # the latest version there
+    seminar serve MODEL --port 8000 --replicas 2 --set infer_size=384 --set max_bytes=4000000
+
+Without --address it starts a local Ray (dashboard on 127.0.0.1) and serves until
+Ctrl-C; with --address it deploys onto that cluster (add --detach to leave it running).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
+
+
+def serving_config(config: Optional[Path], overrides: list[str], **explicit):
+    """ServingConfig from a job spec's `serving:` section, `--set` overrides and flags."""
+    from seminar.config import ServingConfig, load_spec
+
+    cfg = load_spec(config, [f"serving.{o}" for o in overrides]).serving
+    updates = {k: v for k, v in explicit.items() if v is not None}
+    return ServingConfig.model_validate({**cfg.model_dump(), **updates})
+
+
+def serve_command(
+    model: str = typer.Argument(..., help="checkpoint dir, s3:// URI, or registry name <prefix>/<model>[/<version>]"),
+    host: str = typer.Option("127.0.0.1", help="address the HTTP proxy binds (0.0.0.0 for every interface)"),
+    port: int = typer.Option(8000, help="HTTP port"),
+    replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="a fixed number of replicas (default: autoscale)"),
+    min_replicas: Optional[int] = typer.Option(None, "--min-replicas", min=0, help="autoscaling lower bound"),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1, help="autoscaling upper bound"),
+    which: Optional[str] = typer.Option(None, help="primary_teacher | primary_student | teacher_ensemble"),
+    registry: Optional[str] = typer.Option(None, help="registry for bare model names (default: $SEMINAR_REGISTRY)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="a job spec whose serving: section to use"),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="a serving field: key=value (repeatable)"),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray"),
+    name: str = typer.Option("seminar", help="Serve application name"),
+    route_prefix: str = typer.Option("/", help="URL prefix of the application"),
+    detach: bool = typer.Option(False, help="deploy and exit, leaving the application running (needs --address)"),
+) -> None:
+    """Serve a trained model over HTTP (Ray Serve + FastAPI): POST /v1/segment, GET /v1/model, a web page at /."""
+    from pydantic import ValidationError
+
+    from seminar.config import SpecError
+    from serving.model_uri import resolve_model_uri
+
+    try:
+        cfg = serving_config(config, overrides, num_replicas=replicas, min_replicas=min_replicas,
+                             max_replicas=max_replicas)
+    except (SpecError, ValidationError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    if detach and not address:
+        console.print("[red]error:[/] --detach needs --address (a local Ray ends with this command)")
+        raise typer.Exit(2)
+    try:  # fail here, with the user's words, rather than in a replica's log
+        resolved = resolve_model_uri(model, registry)
+    except Exception as e:  # noqa: BLE001 - registry, storage and file errors alike
+        console.print(f"[red]error:[/] cannot load model {model!r}: {e}")
+        raise typer.Exit(2)
+
+    import ray
+    from ray import serve
+
+    from serving.app import ServeArgs, build_app
+
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        args = ServeArgs(model=model, which=which, registry=registry, serving=cfg)
+        serve.run(build_app(args), name=name, route_prefix=route_prefix)
+        url = f"http://{host}:{port}{route_prefix.rstrip('/')}/"
+        console.print(f"serving [bold]{resolved.version}[/] at {url}  (POST {url}v1/segment, page at {url})")
+        if detach:
+            return
+        console.print("Ctrl-C to stop")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not detach:
+            serve.shutdown()
+            ray.shutdown()
