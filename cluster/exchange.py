@@ -171,3 +171,23 @@ class RayExchange(Exchange):
         preds = ray.get([wrapped[0] for wrapped in answer["refs"]])
         # Copies: objects from the store are read-only views; the loop may write to them.
         return [CompactPrediction(np.array(p.label), np.array(p.confidence)) for p in preds]
+
+
+class PublishOnCollect(Exchange):
+    """The exchange without the one-step lookahead, for benchmarks: publishes are held
+    back until the same step is collected, so every step waits for a full round trip."""
+
+    def __init__(self, inner: Exchange):
+        self.inner = inner
+        self.num_students = inner.num_students
+        self.held: list[tuple[int, int, CompactPrediction]] = []
+
+    def publish(self, step: int, student: int, pred: CompactPrediction) -> None:
+        self.held.append((step, student, pred))
+
+    def collect(self, step: int, student: int) -> list[CompactPrediction]:
+        due = [h for h in self.held if h[0] <= step]
+        self.held = [h for h in self.held if h[0] > step]
+        for s, k, pred in due:
+            self.inner.publish(s, k, pred)
+        return self.inner.collect(step, student)

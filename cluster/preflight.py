@@ -10,9 +10,6 @@ from __future__ import annotations
 import math
 import secrets
 import socket
-from pathlib import Path
-
-import pyarrow.fs as pafs
 
 from seminar import storage
 from seminar.config import TrainConfig
@@ -62,7 +59,7 @@ def check_storage(uri: str, run_name: str) -> None:
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)
-    except (OSError, ValueError, NotADirectoryError) as e:
+    except (OSError, ValueError) as e:
         raise StorageNotWritable(
             f"storage.path {uri!r} is not writable ({type(e).__name__}: {e}); checkpoints could not be "
             "saved there. Use a writable local directory or an s3://bucket/prefix whose bucket exists "
@@ -106,10 +103,3 @@ def check_resources(cfg: TrainConfig, per_worker: dict[str, float], placement_st
             "resources.replicas_per_student, resources.cpus_per_worker or resources.gpus_per_worker, "
             "or add nodes")
 
-
-def local_storage_path(uri: str) -> str:
-    return str(Path(uri).expanduser().resolve())
-
-
-__all__ = ["PreflightError", "ClusterUnreachable", "StorageNotWritable", "InsufficientResources",
-           "check_address", "check_storage", "check_resources", "worker_resources", "pafs"]

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +38,9 @@ from ray.train.torch import TorchTrainer
 from seminar import storage
 from seminar.config import TrainConfig
 from seminar.exchange import InProcessExchange
+from seminar.runs import new_run_name
 
-from .exchange import DEFAULT_TIMEOUT_S, ExchangeBoard, RayExchange
+from .exchange import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
 from .metrics import TrainMetrics
 from .preflight import check_address, check_resources, check_storage, worker_resources
 
@@ -90,6 +89,8 @@ def train_fn_per_worker(config: dict) -> None:
                                device=ray.train.torch.get_device(), attempt=attempt)
         exchange = RayExchange(board, num_students, replica=replica, num_replicas=num_replicas,
                                attempt=attempt, timeout_s=config["exchange_timeout_s"])
+    if not config.get("lookahead", True):  # benchmark switch: no overlap of exchange and compute
+        exchange = PublishOnCollect(exchange)
 
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
@@ -174,10 +175,6 @@ def _checkpoint_step(directory: str | None) -> int:
 # --------------------------------------------------------------------------- driver side
 
 
-def new_run_name() -> str:
-    return f"seminar-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-
-
 def storage_location(uri: str):
     """(storage_path, storage_filesystem) for RunConfig: the pyarrow filesystem and the path
     inside it for s3:// (Ray wants the path without its scheme then), else a local path."""
@@ -189,14 +186,16 @@ def storage_location(uri: str):
 
 def build_trainer(cfg: TrainConfig, run_name: str, callbacks=None, *, num_workers: int | None = None,
                   placement_strategy: str = "PACK", exchange_timeout_s: float = DEFAULT_TIMEOUT_S,
-                  keep_checkpoints: int | None = 2, fault: FaultInjection | None = None) -> TorchTrainer:
+                  keep_checkpoints: int | None = 2, lookahead: bool = True,
+                  fault: FaultInjection | None = None) -> TorchTrainer:
     """The `TorchTrainer` of one run: K×R workers, checkpoints under `storage.path/run_name`.
 
     `callbacks` are Ray Train callbacks (a Tune function trainable passes
     `ray.tune.integration.ray_train.TuneReportCallback()`). `num_workers=0` runs every
     student in this process (Ray Train's local mode). `placement_strategy="STRICT_SPREAD"`
     puts every worker on a different node. Starting a run name that exists resumes it from
-    its latest checkpoint.
+    its latest checkpoint. `lookahead=False` (for benchmarks) holds every publish back until
+    the same step is collected, which puts the exchange on the critical path.
     """
     cfg = cfg.model_copy(deep=True)
     cfg.storage.run_name = run_name  # the checkpoints' metadata names the run
@@ -205,7 +204,8 @@ def build_trainer(cfg: TrainConfig, run_name: str, callbacks=None, *, num_worker
     board = ExchangeBoard.remote(cfg.num_students, cfg.resources.replicas_per_student)
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg, "board": board, "exchange_timeout_s": exchange_timeout_s, "fault": fault},
+        train_loop_config={"cfg": cfg, "board": board, "exchange_timeout_s": exchange_timeout_s,
+                           "lookahead": lookahead, "fault": fault},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers if num_workers is None else num_workers,
             use_gpu=cfg.resources.gpus_per_worker > 0,
@@ -230,6 +230,7 @@ class RunSummary:
     step: int
     metrics: dict[str, float] = field(repr=False)
     miou: dict[str, float] = field(default_factory=dict)  # "s{k}/student", "s{k}/teacher", "served"
+    exchange: BoardStats | None = None  # what went through the exchange board
 
     def format(self) -> str:
         lines = [f"run {self.run_name}: step {self.step}", f"checkpoint: {self.checkpoint}"]
@@ -238,7 +239,7 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def summarize(result, cfg: TrainConfig, run_name: str) -> RunSummary:
+def summarize(result, cfg: TrainConfig, run_name: str, exchange: BoardStats | None = None) -> RunSummary:
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
     path = result.checkpoint.path
@@ -252,7 +253,7 @@ def summarize(result, cfg: TrainConfig, run_name: str) -> RunSummary:
                 miou[f"s{k}/{model}"] = float(value)
     if "val/miou" in metrics:
         miou["served"] = float(metrics["val/miou"])
-    return RunSummary(run_name, uri, int(metrics.get("step", -1)), metrics, miou)
+    return RunSummary(run_name, uri, int(metrics.get("step", -1)), metrics, miou, exchange)
 
 
 def connect(address: str | None, cfg: TrainConfig) -> bool:
@@ -276,19 +277,27 @@ def connect(address: str | None, cfg: TrainConfig) -> bool:
     return True
 
 
-def run_training(cfg: TrainConfig, address: str | None = None, **trainer_options) -> RunSummary:
+def run_training(cfg: TrainConfig, address: str | None = None, console=None, **trainer_options) -> RunSummary:
     """Train a spec on a Ray cluster (`address`) or an embedded local Ray; print and return
-    the summary. A spec with `storage.run_name` of an existing run resumes it."""
+    the summary. A spec with `storage.run_name` of an existing run resumes it.
+
+    `trainer_options` go to `build_trainer` (callbacks, placement_strategy, ...). Raises a
+    `PreflightError` within seconds when the address, the storage or the resources are bad.
+    """
     run_name = cfg.storage.run_name or new_run_name()
     check_address(address)  # before anything slow
     started_here = connect(address, cfg)
     try:
         check_storage(cfg.storage.path, run_name)
-        check_resources(cfg, worker_resources(cfg), trainer_options.get("placement_strategy", "PACK"))
+        if trainer_options.get("num_workers") != 0:
+            check_resources(cfg, worker_resources(cfg), trainer_options.get("placement_strategy", "PACK"))
         trainer = build_trainer(cfg, run_name, **trainer_options)
+        (console.print if console else print)(f"run {run_name}: {cfg.num_students} students x "
+                                              f"{cfg.resources.replicas_per_student} replicas on Ray")
         result = trainer.fit()
-        summary = summarize(result, cfg, run_name)
-        print(summary.format())
+        board = trainer.train_loop_config["board"]
+        summary = summarize(result, cfg, run_name, ray.get(board.stats.remote()))
+        (console.print if console else print)(summary.format())
         return summary
     finally:
         if started_here:

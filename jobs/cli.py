@@ -28,6 +28,7 @@ console = Console()
 errors = Console(stderr=True)
 
 ADDRESS_HELP = "the cluster's Jobs API (dashboard) URL, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS"
+PYTHON_HELP = "the Python on the cluster with this project's dependencies (default: python on the head's PATH)"
 REGISTRY_HELP = "model registry: a local directory or s3://bucket/prefix; default: $SEMINAR_REGISTRY, else runs/registry"
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, status, logs, stop.")
@@ -70,6 +71,7 @@ def submit(
     address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP),
     overrides: list[str] = typer.Option([], "--set", "-s", help="override a spec field: key=value (repeatable)"),
     follow: bool = typer.Option(False, "--follow", "-f", help="stream the job's logs until it ends"),
+    python: str = typer.Option("python", "--python", help=PYTHON_HELP),
 ) -> None:
     """Submit a training job to a Ray cluster (Ray Jobs API); prints the job id."""
     from jobs.submit import ClusterError, connect, follow_logs, submit_spec
@@ -77,7 +79,7 @@ def submit(
     cfg = checked_spec(spec, overrides)
     try:
         client = connect(address)
-        job = submit_spec(cfg, address, kind="train", client=client)
+        job = submit_spec(cfg, address, kind="train", client=client, python=python)
         _print_submitted(job)
         if follow:
             _follow(client, job.job_id)
@@ -95,6 +97,7 @@ def tune(
     name: Optional[str] = typer.Option(None, "--name", help="sweep name; default: sweep.name or a new one"),
     follow: bool = typer.Option(False, "--follow", "-f", help="(with --address) stream the job's logs"),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="publish the best checkpoint"),
+    python: str = typer.Option("python", "--python", help="(with --address) " + PYTHON_HELP),
 ) -> None:
     """Hyperparameter search with Ray Tune and ASHA; publishes the best model."""
     if registry:
@@ -111,7 +114,7 @@ def tune(
 
         try:
             client = connect(remote)
-            job = submit_spec(cfg, remote, kind="tune", client=client)
+            job = submit_spec(cfg, remote, kind="tune", client=client, python=python)
             _print_submitted(job)
             if follow:
                 _follow(client, job.job_id)

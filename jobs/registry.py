@@ -307,11 +307,12 @@ class ModelRegistry:
     @_wrap_storage_errors
     def publish(self, checkpoint: str | Path, model: str, *, metrics: dict[str, float] | None = None,
                 spec: dict | None = None, extra: dict[str, Any] | None = None,
-                include_optimizer: bool = False) -> ModelVersion:
+                include_optimizer: bool = True) -> ModelVersion:
         """Copy a checkpoint (local dir or s3:// prefix) in as the next version of model.
 
-        The optimizer state is left out unless asked for: serving needs only the weights.
-        `metrics` (e.g. the sweep's) are merged over those the checkpoint recorded.
+        `metrics` (e.g. the sweep's) are merged over those the checkpoint recorded. The
+        optimizer state is kept by default (`seminar.checkpoint.read_student` loads it, and
+        a registered model can be fine-tuned); `include_optimizer=False` leaves it out.
         """
         _check_model_name(model)
         with tempfile.TemporaryDirectory(prefix="seminar-publish-") as tmp:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import logging
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import sys
@@ -46,7 +48,7 @@ JOB_SPEC_FILE = "job_spec.yaml"
 # What stays on the user's machine: environments, outputs, data and weights, VCS.
 # Patterns with a '/' are anchored at the repository root; the others match any name.
 WORKING_DIR_EXCLUDES = (
-    ".git", ".venv", "venv", ".env", "runs", "out", "tests/data", ".whl", ".gl",
+    ".git", ".gitignore", ".venv", "venv", ".env", "runs", "out", "tests/data", ".whl", ".gl",
     "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".ipynb_checkpoints",
     "node_modules", "*.pt", "*.pth", "*.ckpt", "*.parquet", "*.png", "*.jpg", "*.jpeg",
 )
@@ -142,6 +144,7 @@ def connect(address: str | None = None) -> JobSubmissionClient:
 
     address = resolve_address(address)
     _check_reachable(address)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's client logs every upload and socket at INFO
     token, _ = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     with cluster_errors(address):
@@ -225,8 +228,12 @@ def new_run_name(kind: str = "train") -> str:
 
 
 def submit_spec(cfg: TrainConfig, address: str | None = None, *, kind: str = "train",
-                client: JobSubmissionClient | None = None) -> SubmittedJob:
-    """Submit a validated spec as a Ray job; kind is 'train' or 'tune'. Returns at once."""
+                client: JobSubmissionClient | None = None, python: str = "python") -> SubmittedJob:
+    """Submit a validated spec as a Ray job; kind is 'train' or 'tune'. Returns at once.
+
+    `python` is the interpreter on the cluster that has this project's dependencies
+    (`python` on the head's PATH, as in Ray's images; or e.g. /opt/venv/bin/python).
+    """
     address = resolve_address(address)
     client = client or connect(address)
     if kind == "tune":
@@ -234,12 +241,12 @@ def submit_spec(cfg: TrainConfig, address: str | None = None, *, kind: str = "tr
         run_name = given or new_run_name("tune")
         cfg = for_cluster(cfg, None)
         cfg = cfg.model_copy(update={"sweep": (cfg.sweep or SweepConfig()).model_copy(update={"name": run_name})})
-        entrypoint = f"python -m seminar.cli tune {JOB_SPEC_FILE}"
+        entrypoint = f"{shlex.quote(python)} -m seminar.cli tune {JOB_SPEC_FILE}"
     else:
         given = cfg.storage.run_name
         run_name = given or new_run_name("train")
         cfg = for_cluster(cfg, run_name)
-        entrypoint = f"python -m seminar.cli train --config {JOB_SPEC_FILE}"
+        entrypoint = f"{shlex.quote(python)} -m seminar.cli train --config {JOB_SPEC_FILE}"
     # A new name doubles as the job id; a given name (resuming a run) may be submitted again.
     job_id = f"{run_name}-{secrets.token_hex(2)}" if given else run_name
     with tempfile.TemporaryDirectory(prefix="seminar-job-") as tmp:

@@ -17,7 +17,7 @@ console = Console()
 
 
 def fail(message: str) -> None:
-    console.print(f"[red]error:[/] {message}")
+    console.print(f"[red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -53,7 +53,7 @@ def train(
     console.print(summary_table(result.metrics, meta_classes, cfg.num_students))
     console.print(f"mIoU {result.metrics.get('val/miou', float('nan')):.4f} (served model, {cfg.data.dataset} "
                   f"{cfg.data.val_split}, clicks: {_click_source(result.checkpoint)})")
-    console.print(f"checkpoint: {result.checkpoint}")
+    console.print(f"checkpoint: {result.checkpoint}", soft_wrap=True)
 
 
 def _classes_of(uri: str) -> list[str]:
@@ -113,7 +113,7 @@ def evaluate(
     console.print(table)
     console.print(f"pixel accuracy {result.matrix.pixel_accuracy():.4f}; training clicks: {segmenter.meta['click_source']}")
     if grid:
-        console.print(f"grid: {save_grid(segmenter, cfg.data, split, grid, samples)}")
+        console.print(f"grid: {save_grid(segmenter, cfg.data, split, grid, samples)}", soft_wrap=True)
 
 
 def _register_extensions() -> None:

@@ -174,6 +174,8 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             s.optimizer.load_state_dict(state["optimizer"]["optimizer"])
             s.scheduler.load_state_dict(state["optimizer"]["scheduler"])
             start = state["step"]
+    if start >= optim.steps:
+        return {}  # the run had already finished
 
     # Exchanging labels only makes sense with peers and a student-student loss.
     use_exchange = exchange is not None and cfg.num_students > 1 and method.w_ss > 0
@@ -198,6 +200,9 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
                 exchange.publish(step, k, CompactPrediction.from_probs(source))
         return teacher_probs
 
+    # A resumed run predicts its first batch with the checkpoint's teacher, one EMA update
+    # fresher than the look-ahead of an uninterrupted run would have used; every other
+    # number (data, augmentation, dropout, weights) continues exactly.
     stream = iterate_batches(
         StepBatches(train_set, views, ctx.students, optim.batch_size, ctx.replica, ctx.num_replicas,
                     optim.seed, start, optim.steps), cfg.resources.loader_workers)
@@ -223,7 +228,10 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
                 wait = time.perf_counter() - t_wait
                 pseudo_label, _ = fuse_pseudo_labels(peers, info.num_classes, method.tau,
                                                      batch["click_map"], batch["valid"])
-            # 3. train the student on its strong view
+            # 3. train the student on its strong view. Dropout's randomness is keyed by
+            # (student, replica, step), so a run gives the same numbers in one process, on a
+            # cluster, and after a resume.
+            torch.manual_seed(hash((optim.seed, k, ctx.replica, step)) % 2**63)
             s.model.train()
             logits = s.model(batch["image_strong"][:, position])
             losses = student_losses(method, step, logits, batch, teacher_probs.get(k), pseudo_label)
@@ -234,7 +242,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             s.teacher.update(s.net, step, method.ema_decay)
 
             for name, value in losses.items():
-                sums[f"s{k}/{name}"] += float(value)
+                sums[f"s{k}/{name}"] += value.item()
             if pseudo_label is not None:
                 labelled = (pseudo_label != 255) & batch["valid"]
                 sums[f"s{k}/pseudo_frac"] += float(labelled.sum() / batch["valid"].sum().clamp(min=1))

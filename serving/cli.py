@@ -36,7 +36,7 @@ def serving_config(config: Optional[Path], overrides: list[str], **explicit):
 
 
 def serve_command(
-    model: str = typer.Argument(..., help="checkpoint dir, s3:// URI, or registry name <prefix>/<model>[/<version>]"),
+    model: str = typer.Argument(..., help="checkpoint dir, s3:// URI, or registry name <prefix>/<model>(/<version>)"),
     host: str = typer.Option("127.0.0.1", help="address the HTTP proxy binds (0.0.0.0 for every interface)"),
     port: int = typer.Option(8000, help="HTTP port"),
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="a fixed number of replicas (default: autoscale)"),

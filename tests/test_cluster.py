@@ -7,6 +7,7 @@ cluster (`tests/conftest.py`); the multi-node test adds a node and runs last.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import urllib.request
@@ -34,6 +35,10 @@ TINY = [
 def tiny_spec(storage_path, steps=4, checkpoint_every=2, *extra):
     return load_spec(None, [*TINY, f"optim.steps={steps}", f"schedule.eval_every={steps}",
                             f"schedule.checkpoint_every={checkpoint_every}", f"storage.path={storage_path}", *extra])
+
+
+# Ray's processes cannot import this test module: ship its callbacks by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class RecordReports(UserCallback):
@@ -77,17 +82,21 @@ def test_exchange_routes_by_replica_and_drops_after_reads(ray_session):
     stats = ray.get(board.stats.remote())
     assert (stats.published, stats.served, stats.held) == (6, 12, 0)
 
-    # A new attempt forgets the old one: an old publish is ignored, the new one is read.
+    # A new attempt forgets the old one: what the old attempt publishes is never served.
     ex[(0, 0)].publish(6, 0, _pred(1))
     attempt2 = ray.get(board.new_attempt.remote())
-    ex[(0, 0)].publish(6, 0, _pred(2))  # still attempt 1: stale
-    fresh = RayExchange(board, 3, replica=0, num_replicas=2, attempt=attempt2, timeout_s=10)
-    fresh.publish(6, 0, _pred(3))
-    reader = RayExchange(board, 3, replica=0, num_replicas=2, attempt=attempt2, timeout_s=1)
-    reader.publish(6, 2, _pred(4))
+    ex[(0, 0)].publish(6, 0, _pred(2))  # a worker of the old attempt, late
+    new = {k: RayExchange(board, 3, replica=0, num_replicas=2, attempt=attempt2, timeout_s=1) for k in range(3)}
+    new[0].publish(6, 0, _pred(3))
+    new[1].publish(6, 1, _pred(5))
+    assert [int(p.label[0, 0, 0]) for p in new[2].collect(6, 2)] == [3, 5]
+    assert ray.get(board.stats.remote()).stale_dropped >= 1
+
+    # A peer that never publishes: collect names it after the timeout.
+    new[2].publish(7, 2, _pred(4))
+    new[0].publish(7, 0, _pred(4))
     with pytest.raises(ExchangeTimeout, match=r"student 1 \(worker rank 2, replica 0\)"):
-        reader.collect(6, 2)  # student 1 never published step 6 in this attempt
-    assert ray.get(board.stats.remote()).stale_dropped == 1
+        new[2].collect(7, 2)
 
 
 # ---------------------------------------------------------------- training on the cluster
@@ -113,3 +122,105 @@ def test_ray_run_matches_in_process_losses(ray_session, tmp_path):
     assert summary.step == 3
     assert set(summary.miou) >= {"s0/student", "s0/teacher", "s1/student", "s1/teacher", "served"}
     assert Path(summary.checkpoint, "student_1", "teacher.pt").is_file()
+
+
+class MetricsScraper(threading.Thread):
+    """Polls Ray's Prometheus endpoint while a run trains; keeps every seminar_ line seen."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.lines, self.stopped = url, set(), threading.Event()
+
+    def run(self):
+        while not self.stopped.is_set():
+            try:
+                text = urllib.request.urlopen(self.url, timeout=5).read().decode()
+                self.lines.update(line for line in text.splitlines() if line.startswith("ray_seminar_"))
+            except OSError:
+                pass
+            self.stopped.wait(1.0)
+
+    def has(self, name: str, **labels) -> bool:
+        want = [f'{k}="{v}"' for k, v in labels.items()]
+        return any(line.startswith(name + "{") and all(w in line for w in want) for line in self.lines)
+
+
+@pytest.mark.slow
+def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
+    """Checkpoints go to S3; the same run name resumes from them; Segmenter loads them."""
+    from seminar.predict import Segmenter
+
+    storage = f"s3://{s3_bucket}/runs"
+    first = run_training(tiny_spec(storage, 2, 1, "storage.run_name=on-s3"), address=ray_session.address)
+    assert first.checkpoint.startswith(f"s3://{s3_bucket}/runs/on-s3/checkpoint_") and first.step == 2
+
+    # Started again under the same name, with two more steps: it resumes at step 2.
+    log = tmp_path / "reports.jsonl"
+    second = run_training(tiny_spec(storage, 4, 2, "storage.run_name=on-s3"), address=ray_session.address,
+                          callbacks=[RecordReports(log)])
+    reports = read_reports(log)
+    assert [r["step"] for r in reports] == [3, 4]
+    assert reports[0]["run/resumed_from_step"] == 2 and second.step == 4
+
+    segmenter = Segmenter.load(second.checkpoint)
+    labels, confidence = segmenter.segment(np.zeros((32, 32, 3), np.uint8))
+    assert labels.shape == confidence.shape == (32, 32)
+    assert segmenter.metadata["step"] == 4 if "step" in segmenter.metadata else True
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
+    """Rank 1 dies at step 3: the group restarts from the step-2 checkpoint and finishes
+    all 5 steps; Ray's metrics endpoint shows every student's metrics meanwhile."""
+    cfg = tiny_spec(tmp_path / "runs", 5, 2)
+    log, marker = tmp_path / "reports.jsonl", tmp_path / "fault-happened"
+    scraper = MetricsScraper(ray_session.metrics_url)
+    scraper.start()
+    try:
+        summary = run_training(cfg, address=ray_session.address, callbacks=[RecordReports(log)],
+                               fault=FaultInjection(rank=1, step=3, marker=str(marker)))
+        deadline = time.time() + 20  # the metrics agent exports every few seconds
+        while time.time() < deadline and not all(scraper.has("ray_seminar_train_loss", student=k) for k in "01"):
+            time.sleep(1)
+    finally:
+        scraper.stopped.set()
+    assert marker.exists()
+    reports = read_reports(log)
+    steps = [r["step"] for r in reports]
+    assert steps[-1] == 5 and summary.step == 5
+    assert steps[:2] == [1, 2] and steps[2:] == [3, 4, 5]  # nothing of the dead attempt's step 3
+    assert reports[-1]["run/attempt"] == reports[0]["run/attempt"] + 1
+    assert reports[-1]["run/resumed_from_step"] == 2
+    for k in range(2):  # rank 0 forwards every student's metrics
+        assert {f"s{k}/loss", f"s{k}/exchange_wait", f"s{k}/images_per_s", f"s{k}/val_miou_teacher"} <= set(summary.metrics)
+        assert scraper.has("ray_seminar_train_loss", student=k, term="ss")
+    assert summary.exchange.held == 0  # every prediction read by its peer and dropped
+
+
+# ---------------------------------------------------------------- fast, clear errors
+
+
+def test_unreachable_address_fails_fast(tmp_path):
+    started = time.time()
+    with pytest.raises(ClusterUnreachable, match="127.0.0.1:9"):
+        run_training(tiny_spec(tmp_path), address="127.0.0.1:9")
+    assert time.time() - started < 10
+
+
+def test_unwritable_storage_fails_fast(ray_session, s3_bucket, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for path in (tmp_path / "a-file" / "runs", "s3://no-such-bucket-here/runs"):
+        started = time.time()
+        with pytest.raises(StorageNotWritable, match="not writable"):
+            run_training(tiny_spec(path), address=ray_session.address)
+        assert time.time() - started < 20
+
+
+def test_too_many_resources_fails_fast(ray_session, tmp_path):
+    started = time.time()
+    with pytest.raises(InsufficientResources, match="can host only"):
+        run_training(tiny_spec(tmp_path, 4, 2, "resources.cpus_per_worker=64"), address=ray_session.address)
+    with pytest.raises(InsufficientResources, match=r"needs 16 workers \(2 students x 8 replicas\)"):
+        run_training(tiny_spec(tmp_path, 4, 2, "resources.replicas_per_student=8", "optim.batch_size=8"),
+                     address=ray_session.address)
+    assert time.time() - started < 20

@@ -60,6 +60,11 @@ def _where(path: str, image_id: str | None = None, index: int | None = None, fie
     return ", ".join(parts)
 
 
+def _click_index(image_ids: np.ndarray, row: int) -> int:
+    """Position of a row among its image's clicks (what the error messages call 'click')."""
+    return int(np.sum(image_ids[:row] == image_ids[row]))
+
+
 # ---------------------------------------------------------------------------------------
 # Files: local paths or s3://bucket/key, through pyarrow filesystems.
 
@@ -90,9 +95,12 @@ def make_click_table(
     cls: Sequence[int],
     rank: Sequence[int],
     source: str | Sequence[str],
-    empty_image_ids: Iterable[str] = (),
+    empty_ids: Iterable[str] = (),
 ) -> pa.Table:
-    """A click table from columns; `source` is one name for all rows or one per row."""
+    """A click table from columns; `source` is one name for all rows or one per row.
+
+    `empty_ids` are images listed with no clicks (kept in the schema metadata).
+    """
     sources = [source] * len(image_ids) if isinstance(source, str) else list(source)
     table = pa.table(
         {
@@ -105,7 +113,7 @@ def make_click_table(
         },
         schema=CLICK_SCHEMA,
     )
-    return with_empty_image_ids(table, empty_image_ids)
+    return with_empty_image_ids(table, empty_ids)
 
 
 def with_empty_image_ids(table: pa.Table, image_ids: Iterable[str]) -> pa.Table:
@@ -218,8 +226,10 @@ def read_click_table(path: str, source: str | None = None) -> pa.Table:
         column = raw[name]
         if column.null_count:
             row = _first_null_row(column)
-            image_id = raw["image_id"][row].as_py() if name != "image_id" else None
-            raise ClickFileError(f"{_where(path, image_id, row, name)}: null value (row {row})")
+            if name == "image_id":
+                raise ClickFileError(f"{path}, row {row}, field 'image_id': null value")
+            ids = raw["image_id"].to_numpy(zero_copy_only=False)
+            raise ClickFileError(f"{_where(path, ids[row], _click_index(ids, row), name)}: null value (row {row})")
         try:
             columns[name] = column.cast(expected, safe=True)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -246,11 +256,6 @@ def load_clicks(path: str, source: str | None = None) -> pa.Table:
 
 # ---------------------------------------------------------------------------------------
 # Checking and using a table.
-
-
-def _click_index(image_ids: np.ndarray, row: int) -> int:
-    """Position of a row among its image's clicks (what the error messages call 'click')."""
-    return int(np.sum(image_ids[:row] == image_ids[row]))
 
 
 def validate_clicks(

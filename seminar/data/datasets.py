@@ -164,7 +164,9 @@ class SegmentationDataset(Dataset):
         raise NotImplementedError
 
 
-def _load_click_tables(cfg: DataConfig, num_classes: int, known_ids: set[str]):
+def _load_click_tables(
+    cfg: DataConfig, num_classes: int, known_ids: set[str]
+) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read and check cfg.clicks and cfg.extra_clicks; return (per-image clicks, sources)."""
     tables = []
     for path in [cfg.clicks, *cfg.extra_clicks]:
@@ -175,7 +177,9 @@ def _load_click_tables(cfg: DataConfig, num_classes: int, known_ids: set[str]):
     return clicks_by_image(merged), click_sources(merged)
 
 
-def _fit_all(clicks: dict[str, np.ndarray], image_ids: list[str], sizes: dict[str, tuple[int, int]]):
+def _fit_all(
+    clicks: dict[str, np.ndarray], image_ids: list[str], sizes: dict[str, tuple[int, int]]
+) -> tuple[dict[str, np.ndarray], ClickFit]:
     """Clicks of the split's images, fitted to their images; plus the clip/drop count."""
     fitted, total = {}, ClickFit()
     for image_id in image_ids:

@@ -1,0 +1,128 @@
+"""The training loop in one process: tiny CPU models that really train a few steps."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from seminar import checkpoint
+from seminar.cli import app
+from seminar.config import load_spec
+from seminar.engine import WorkerContext, train_worker
+from seminar.exchange import InProcessExchange
+from seminar.predict import Segmenter
+from seminar.runs import run_in_process
+
+TINY = [
+    "data.synthetic.image_size=32", "data.synthetic.num_train=16", "data.synthetic.num_val=4",
+    "data.crop_size=[32, 32]", "optim.batch_size=4", "optim.lr=0.003",
+    "students.0.decoder_channels=16", "students.1.decoder_channels=16",
+    "resources.loader_workers=0", "method.ss_start=0", "method.rampup_steps=2",
+]
+
+
+def tiny_spec(tmp_path, *extra):
+    return load_spec(None, TINY + [f"storage.path={tmp_path}", *extra])
+
+
+def run(cfg, resume_from=None):
+    logged = []
+    saved = {}
+
+    def report(metrics, directory):
+        logged.append(metrics)
+        if directory:
+            saved[metrics["step"]] = checkpoint_copy(directory, cfg, metrics["step"])
+
+    def checkpoint_copy(directory, cfg, step):
+        import shutil
+
+        target = f"{cfg.storage.path}/copy_{step}"
+        shutil.copytree(directory, target, dirs_exist_ok=True)
+        return target
+
+    ctx = WorkerContext(students=list(range(cfg.num_students)))
+    train_worker(cfg, ctx, InProcessExchange(cfg.num_students), report, resume_from=resume_from)
+    return logged, saved
+
+
+def test_loss_falls_over_real_steps(tmp_path):
+    # four images seen again and again (augmented differently each time)
+    cfg = tiny_spec(tmp_path, "optim.steps=12", "schedule.log_every=1", "schedule.eval_every=12",
+                    "schedule.checkpoint_every=12", "method.w_ts=0", "method.w_ss=0",
+                    "optim.lr=0.01", "data.synthetic.num_train=4")
+    logged, _ = run(cfg)
+    for k in range(2):
+        losses = [m[f"s{k}/loss_sup"] for m in logged]
+        assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+
+
+def test_seminar_run_reports_every_student_and_checkpoints(tmp_path):
+    cfg = tiny_spec(tmp_path, "optim.steps=4", "schedule.log_every=1", "schedule.eval_every=4",
+                    "schedule.checkpoint_every=2", "method.tau=0")
+    logged, saved = run(cfg)
+    last = logged[-1]
+    for k in range(2):
+        for key in ("loss", "loss_sup", "loss_ts", "loss_ss", "pseudo_frac", "step_time", "exchange_wait",
+                    "images_per_s", "val_miou_student", "val_miou_teacher"):
+            assert f"s{k}/{key}" in last
+        assert last[f"s{k}/pseudo_frac"] == pytest.approx(1.0)  # tau=0: every valid pixel gets a label
+        assert last[f"s{k}/loss_ss"] > 0 and last[f"s{k}/loss_ts"] > 0
+    assert last["val/miou"] == last["s0/val_miou_teacher"]
+    assert sorted(saved) == [2, 4]
+    meta = json.loads((tmp_path / "copy_4" / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["click_source"] == "simulated" and meta["classes"][0] == "background"
+    assert (tmp_path / "copy_4" / "student_1" / "teacher.pt").is_file()
+
+
+def test_resume_continues_with_the_same_numbers(tmp_path):
+    cfg = tiny_spec(tmp_path, "optim.steps=4", "schedule.log_every=1", "schedule.eval_every=100",
+                    "schedule.checkpoint_every=2")
+    straight, saved = run(cfg)
+    resumed, _ = run(cfg, resume_from=saved[2])
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        for k in range(2):
+            assert a[f"s{k}/loss_sup"] == pytest.approx(b[f"s{k}/loss_sup"], rel=1e-5, abs=1e-6)
+            # the first resumed look-ahead uses a teacher one EMA update fresher (see engine)
+            assert a[f"s{k}/loss"] == pytest.approx(b[f"s{k}/loss"], rel=2e-3)
+
+
+def test_segmenter_loads_a_checkpoint_and_segments(tmp_path):
+    cfg = tiny_spec(tmp_path, "optim.steps=2", "schedule.checkpoint_every=2")
+    result = run_in_process(cfg)
+    for which in ("primary_teacher", "primary_student", "teacher_ensemble"):
+        seg = Segmenter.load(result.checkpoint, which=which)
+        label, conf = seg.segment(np.zeros((37, 45, 3), np.uint8))
+        assert label.shape == (37, 45) and label.dtype == np.uint8 and label.max() < len(seg.classes)
+        assert conf.shape == (37, 45) and 0 < conf.min() <= conf.max() <= 1
+    assert len(Segmenter.load(result.checkpoint, which="teacher_ensemble").models) == 2
+    # a second start with the same run name resumes from its last checkpoint
+    again = run_in_process(cfg.model_copy(update={"storage": cfg.storage.model_copy(
+        update={"run_name": result.run_name})}))
+    assert again.checkpoint == result.checkpoint
+
+
+def test_cli_train_then_evaluate(tmp_path):
+    runner = CliRunner()
+    args = ["train", "--in-process", *[a for s in TINY for a in ("--set", s)],
+            "--set", "optim.steps=2", "--set", f"storage.path={tmp_path}"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "mIoU" in out.output and "clicks: simulated" in out.output
+    ckpt = out.output.split("checkpoint:")[-1].split()[0]
+    grid = tmp_path / "grid.png"
+    out = runner.invoke(app, ["evaluate", ckpt, "--grid", str(grid), "--samples", "2"])
+    assert out.exit_code == 0, out.output
+    assert "mIoU" in out.output and "background" in out.output
+    assert grid.stat().st_size > 1000
+
+
+def test_cli_rejects_a_bad_spec_before_training(tmp_path):
+    out = CliRunner().invoke(app, ["train", "--in-process", "--set", "method.ema_decay=1.7"])
+    assert out.exit_code == 2
+    assert "method.ema_decay" in out.output
+    out = CliRunner().invoke(app, ["evaluate", str(tmp_path)])
+    assert out.exit_code == 2 and "not a checkpoint" in out.output

@@ -1,0 +1,353 @@
+"""The jobs layer: job specs, submission through Ray's Jobs API, sweeps, the model registry.
+
+Fast tests (no Ray) check the spec validation, the CLI's error messages, the job's working
+directory and the registry (local and on the moto S3 server). The Ray tests use the
+session's token-authenticated `ray start --head` (tests/conftest.py): a submitted tiny
+training job whose checkpoint lands on S3, the unauthorised and unreachable cases, and a
+4-trial ASHA sweep that publishes its best model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from jobs.registry import IntegrityError, ModelRegistry, RegistryError, resolve_model
+from jobs.spec import load_checked_spec
+from jobs.submit import (WORKING_DIR_EXCLUDES, ClusterError, auth_token, for_cluster, resolve_address,
+                         stage_working_dir)
+from seminar.cli import app
+from seminar.config import SpecError, load_spec
+
+from conftest import PYTHON, REPO, SHARED_DATA, free_port
+
+CONFIGS = REPO / "jobs" / "configs"
+runner = CliRunner()
+
+# A training run of a few seconds: 32x32 synthetic images, batch 2, in-loop data loading.
+TINY = {
+    "data": {"dataset": "synthetic", "crop_size": [32, 32],
+             "synthetic": {"image_size": 32, "num_train": 16, "num_val": 8}},
+    "method": {"ss_start": 0, "rampup_steps": 4},
+    "optim": {"batch_size": 2, "steps": 4},
+    "schedule": {"eval_every": 4, "checkpoint_every": 4, "log_every": 2},
+    "resources": {"loader_workers": 0, "max_failures": 0},
+}
+
+
+def write_spec(path: Path, **sections: dict) -> Path:
+    """TINY with some sections extended or added, as a YAML file."""
+    spec = json.loads(json.dumps(TINY))
+    for name, values in sections.items():
+        spec.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def one_line_error(result) -> str:
+    """The CLI's error: exactly one line starting with 'error:', and no traceback."""
+    text = result.output
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------- specs
+
+
+@pytest.mark.parametrize("name", ["synthetic", "camvid", "voc", "sweep"])
+def test_example_specs_validate_in_full(name):
+    cfg = load_checked_spec(CONFIGS / f"{name}.yaml")
+    assert cfg.num_workers >= 2
+    if name == "sweep":
+        assert {"method.ema_decay", "method.w_ts", "method.w_ss", "method.tau", "method.ss_start"} <= set(cfg.sweep.params)
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (["method.ema_decay=1.7"], "method.ema_decay", "less than 1"),
+    (["optim.steps=many"], "optim.steps", "integer"),
+    (["method.tau=-0.1"], "method.tau", "greater than or equal to 0"),
+    (["optim.learning_rate=0.1"], "optim.learning_rate", "unknown field"),
+    (["students.1.model=deeplabv3plus_vgg16"], "students.1.model", "unknown model"),
+    (["data.dataset=camvid", "data.root=/no/such/camvid"], "data.root", "no such directory"),
+    (["data.dataset=camvid", f"data.root={SHARED_DATA / 'camvid'}", "data.val_split=test"], "data.val_split",
+     "no split file"),
+    (["data.dataset=camvid", f"data.root={SHARED_DATA / 'camvid'}", "data.classes=[sky, road]"], "data.classes",
+     "has 11"),
+    (["data.dataset=voc", f"data.root={SHARED_DATA / 'voc' / 'tiny'}", "data.clicks=/no/clicks.json"], "data.clicks",
+     "no such file"),
+    (["sweep.params={method.ema_decay: {grid: [0.9, 1.5]}}"], "sweep.params.method.ema_decay", "value 1.5"),
+    (["sweep.params={method.momentum: {choice: [0.5]}}"], "sweep.params.method.momentum", "not a field"),
+    (["sweep.params={method.tau: {uniform: [0.9, 0.5]}}"], "sweep.params", "low < high"),
+    (["sweep.params={method.tau: {gaussian: [0.5, 0.1]}}"], "sweep.params", "expected one of"),
+])
+def test_invalid_spec_names_the_field(overrides, field, words):
+    with pytest.raises(SpecError) as err:
+        load_checked_spec(None, overrides)
+    message = str(err.value)
+    assert f"  {field}:" in message and words in message, message
+
+
+def test_click_classes_must_fit_the_dataset(tmp_path):
+    """A folder dataset of 3 classes with a click of class 5: the click file is named."""
+    from seminar.data.clicks import make_click_table, write_click_table
+
+    (tmp_path / "images").mkdir()
+    table = make_click_table(["a", "a"], [1.0, 2.0], [1.0, 2.0], [1, 5], [1, 1], "user")
+    write_click_table(table, str(tmp_path / "clicks.parquet"))
+    with pytest.raises(SpecError) as err:
+        load_checked_spec(None, ["data.dataset=folder", f"data.root={tmp_path}",
+                                 f"data.clicks={tmp_path / 'clicks.parquet'}", "data.classes=[bg, cat, dog]"])
+    assert "data.clicks:" in str(err.value) and "class 5" in str(err.value)
+
+
+def test_submit_checks_the_spec_before_the_cluster(tmp_path):
+    """An invalid spec fails with exit 2 naming the field, without contacting any cluster."""
+    spec = write_spec(tmp_path / "bad.yaml", method={"ema_decay": 1.7})
+    result = runner.invoke(app, ["submit", str(spec), "--address", f"http://127.0.0.1:{free_port()}"])
+    assert result.exit_code == 2
+    assert "method.ema_decay" in result.output and "cannot reach" not in result.output
+
+
+def test_unreachable_cluster_is_one_line(tmp_path):
+    spec = write_spec(tmp_path / "ok.yaml")
+    address = f"http://127.0.0.1:{free_port()}"
+    for args in (["submit", str(spec), "--address", address], ["jobs", "list", "--address", address],
+                 ["jobs", "logs", "some-job", "--address", address]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1
+        assert f"cannot reach the Ray cluster at {address}" in one_line_error(result)
+
+
+def test_address_and_token_come_from_the_usual_places(tmp_path, monkeypatch):
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_address(None) == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")
+    assert resolve_address(None) == "http://head:8265"
+    assert resolve_address("10.0.0.5:8265") == "http://10.0.0.5:8265"
+    with pytest.raises(ClusterError, match="Ray Client address"):
+        resolve_address("ray://head:10001")
+
+    assert auth_token()[0] is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert auth_token() == ("from-home", str(tmp_path / ".ray" / "auth_token"))
+    (tmp_path / "tok").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert auth_token()[0] == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth_token()[0] == "from-env"
+
+
+def test_job_working_dir_is_the_code_and_the_spec(tmp_path):
+    cfg = for_cluster(load_spec(None, ["storage.path=runs", "data.dataset=camvid",
+                                       f"data.root={os.path.relpath(SHARED_DATA / 'camvid')}"]), "run-1")
+    assert Path(cfg.storage.path).is_absolute() and Path(cfg.data.root).is_absolute()
+    assert cfg.storage.run_name == "run-1"
+
+    staged = stage_working_dir(cfg, tmp_path / "wd")
+    names = {p.relative_to(staged).as_posix() for p in staged.rglob("*")}
+    assert {"seminar/cli.py", "cluster/trainer.py", "jobs/cli.py", "pyproject.toml", "job_spec.yaml"} <= names
+    assert not any(n.split("/")[0] in (".git", ".venv", "runs") or n.startswith("tests/data") or "__pycache__" in n
+                   for n in names)
+    assert ".venv" in WORKING_DIR_EXCLUDES
+    assert load_spec(staged / "job_spec.yaml") == cfg
+    size = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
+    assert size < 5 * 2**20, f"working dir of {size / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------- registry
+
+
+def fake_checkpoint(path: Path, miou: float = 0.5) -> Path:
+    """A checkpoint directory as training writes it (the weights are stand-in bytes)."""
+    for k in range(2):
+        d = path / f"student_{k}"
+        d.mkdir(parents=True)
+        for name in ("student.pt", "teacher.pt", "optimizer.pt"):
+            (d / name).write_bytes(os.urandom(256))
+        (d / "state.json").write_text('{"step": 4}')
+    meta = {"step": 4, "spec": load_spec(None).model_dump(mode="json"), "classes": ["bg", "a", "b", "c"],
+            "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3]], "click_source": "simulated",
+            "metrics": {"val/miou": miou}, "version": "run@4", "code_version": "0.1.0", "num_students": 2}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(params=["local", "s3"])
+def registry_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "registry")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/models"
+
+
+def test_registry_versions_metadata_and_integrity(registry_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMINAR_MODEL_CACHE", str(tmp_path / "cache"))
+    reg = ModelRegistry(registry_uri)
+    first = reg.publish(fake_checkpoint(tmp_path / "ckpt1", 0.4), "demo", metrics={"val/miou": 0.41})
+    second = reg.publish(fake_checkpoint(tmp_path / "ckpt2", 0.6), "demo")
+    assert (first.version, second.version) == (1, 2)
+    assert reg.models() == ["demo"] and reg.versions("demo") == [1, 2]
+
+    meta = reg.get("demo").metadata  # the latest
+    assert meta["version"] == 2 and meta["metrics"]["val/miou"] == 0.6
+    assert meta["classes"] == ["bg", "a", "b", "c"] and meta["click_source"] == "simulated"
+    assert meta["spec"]["method"]["ema_decay"] == 0.99 and meta["code_version"] and meta["created"]
+    assert set(meta["files"]) == {"meta.json", *(f"student_{k}/{n}" for k in range(2)
+                                                 for n in ("student.pt", "teacher.pt", "optimizer.pt", "state.json"))}
+    assert reg.get("demo", 1).metadata["metrics"]["val/miou"] == 0.41
+
+    local = resolve_model("demo/1", registry=registry_uri)
+    assert (local / "meta.json").is_file() and (local / "student_1" / "teacher.pt").is_file()
+    assert resolve_model(f"{registry_uri}/demo") == resolve_model(f"{registry_uri}/demo/2")
+    assert resolve_model(str(tmp_path / "ckpt1")) == tmp_path / "ckpt1"  # a plain checkpoint dir
+
+    # Tamper with one file of version 1 where it is stored: reading it names the file.
+    if registry_uri.startswith("s3://"):
+        import boto3
+
+        bucket, prefix = registry_uri[5:].split("/", 1)
+        boto3.client("s3").put_object(Bucket=bucket, Key=f"{prefix}/demo/1/student_0/teacher.pt", Body=b"evil")
+        for cached in (tmp_path / "cache").rglob("teacher.pt"):  # and in the local cache
+            cached.write_bytes(b"evil")
+    else:
+        (Path(registry_uri) / "demo" / "1" / "student_0" / "teacher.pt").write_bytes(b"evil")
+    with pytest.raises(IntegrityError, match="student_0/teacher.pt"):
+        resolve_model("demo/1", registry=registry_uri)
+    with pytest.raises(RegistryError, match="no version 7"):
+        resolve_model("demo/7", registry=registry_uri)
+    with pytest.raises(RegistryError, match="no model 'nope'"):
+        reg.get("nope")
+
+
+def test_models_cli_list_show(tmp_path):
+    registry = str(tmp_path / "registry")
+    ModelRegistry(registry).publish(fake_checkpoint(tmp_path / "ckpt", 0.55), "demo")
+    listed = runner.invoke(app, ["models", "list", "--registry", registry])
+    assert listed.exit_code == 0 and "demo" in listed.output and "0.5500" in listed.output
+    shown = runner.invoke(app, ["models", "show", "demo", "--registry", registry, "--verify"])
+    assert shown.exit_code == 0, shown.output
+    assert "demo/1" in shown.output and "simulated" in shown.output and "verified" in shown.output
+    missing = runner.invoke(app, ["models", "show", "demo/3", "--registry", registry])
+    assert missing.exit_code == 1 and "no version 3" in one_line_error(missing)
+
+
+# ------------------------------------------------------------------- the Ray cluster (jobs)
+
+
+@pytest.mark.slow
+def test_submit_tiny_job_with_token_auth_and_checkpoint_on_s3(ray_cluster, s3_bucket, tmp_path):
+    """`seminar submit --follow` against the token-authenticated head: the job succeeds,
+    its logs stream back, and its checkpoint is on the S3 bucket."""
+    import boto3
+
+    spec = write_spec(tmp_path / "tiny.yaml", storage={"path": f"s3://{s3_bucket}/runs"})
+    t0 = time.perf_counter()
+    # The cluster's python is this venv's (not first on the PATH the test cluster inherited).
+    result = runner.invoke(app, ["submit", str(spec), "--address", ray_cluster.dashboard_url, "--follow",
+                                 "--python", PYTHON])
+    wall_s = time.perf_counter() - t0
+    print(f"\nsubmitted tiny job: {wall_s:.1f} s wall, submit to SUCCEEDED")
+    assert result.exit_code == 0, result.output
+    job_id = [line for line in result.output.splitlines() if line.startswith("submitted job")][0].split()[2]
+    assert "SUCCEEDED" in result.output
+    assert "checkpoint:" in result.output  # the driver's summary, streamed back from the cluster
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix=f"runs/{job_id}/")
+            .get("Contents", [])]
+    metas = [k for k in keys if k.endswith("/meta.json")]
+    assert metas, keys
+    assert any(k.endswith("student_1/teacher.pt") for k in keys)
+
+    status = runner.invoke(app, ["jobs", "status", job_id, "--address", ray_cluster.dashboard_url])
+    assert status.exit_code == 0 and "SUCCEEDED" in status.output and f"s3://{s3_bucket}/runs/{job_id}" in status.output
+    listed = runner.invoke(app, ["jobs", "list", "--address", ray_cluster.dashboard_url])
+    assert job_id in listed.output
+    logs = runner.invoke(app, ["jobs", "logs", job_id, "--address", ray_cluster.dashboard_url])
+    assert logs.exit_code == 0 and "checkpoint:" in logs.output
+    stop = runner.invoke(app, ["jobs", "stop", "no-such-job", "--address", ray_cluster.dashboard_url])
+    assert stop.exit_code == 1 and "no job 'no-such-job'" in one_line_error(stop)
+
+
+def _jobs_list_in_subprocess(address: str, env_changes: dict[str, str | None]) -> subprocess.CompletedProcess:
+    # Ray caches the auth token per process: another token needs another process.
+    env = {k: v for k, v in os.environ.items() if k not in env_changes}
+    env.update({k: v for k, v in env_changes.items() if v is not None})
+    return subprocess.run([PYTHON, "-m", "seminar.cli", "jobs", "list", "--address", address],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_unauthorised_cluster_is_one_line(ray_cluster, tmp_path):
+    wrong = _jobs_list_in_subprocess(ray_cluster.dashboard_url, {"RAY_AUTH_TOKEN": "not-the-token"})
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert "rejected the auth token from RAY_AUTH_TOKEN" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+
+    none = _jobs_list_in_subprocess(ray_cluster.dashboard_url,
+                                    {"RAY_AUTH_TOKEN": None, "RAY_AUTH_TOKEN_PATH": None, "HOME": str(tmp_path)})
+    assert none.returncode == 1 and "requires an auth token" in none.stderr, none.stderr
+
+    # The token from a file, and no RAY_AUTH_MODE on this side: still let in.
+    (tmp_path / "token").write_text(ray_cluster.token)
+    ok = _jobs_list_in_subprocess(ray_cluster.dashboard_url, {"RAY_AUTH_TOKEN": None, "RAY_AUTH_MODE": None,
+                                                              "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
+    assert ok.returncode == 0, ok.stderr
+
+
+# ------------------------------------------------------------------------------- the sweep
+
+
+@pytest.mark.slow
+def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, tmp_path):
+    """4 trials of 2-worker runs: lr 3e-3 trains, lr 1e-9 does not. Grid order runs the two
+    good trials first, so ASHA (grace 1 evaluation, reduction 2) stops the two poor ones at
+    their first evaluation; the best checkpoint goes to the S3 registry."""
+    from jobs.sweep import run_sweep
+
+    registry = f"s3://{s3_bucket}/models"
+    cfg = load_spec(write_spec(
+        tmp_path / "sweep.yaml",
+        optim={"batch_size": 2, "steps": 16},
+        schedule={"eval_every": 8, "checkpoint_every": 8, "log_every": 4},
+        storage={"path": str(tmp_path / "runs")},
+        sweep={"params": {"optim.lr": {"grid": [3e-3, 1e-9]}, "method.ema_decay": {"grid": [0.9, 0.99]}},
+               "num_samples": 1, "grace_period": 1, "reduction_factor": 2, "max_concurrent": 2,
+               "registry": registry, "model_name": "tiny"}))
+    result = run_sweep(cfg, name="tiny-sweep")
+    print(f"\nsweep of {len(result.trials)} trials: {result.wall_s:.1f} s wall")
+
+    assert len(result.trials) == 4 and all(t.status == "TERMINATED" for t in result.trials), result.trials
+    stopped = {t.trial_id for t in result.stopped_early}
+    assert stopped and all(t.params["optim.lr"] == 1e-9 for t in result.stopped_early), result.trials
+    for t in result.trials:
+        assert t.evaluations == (1 if t.trial_id in stopped else 2)
+        # Every student's metrics reach Tune, not only rank 0's student.
+        assert {"s0/val_miou_teacher", "s1/val_miou_teacher", "s1/loss"} <= set(t.last)
+    assert result.best.params["optim.lr"] == 3e-3 and result.best.checkpoint
+    assert Path(result.plot).is_file() and Path(result.plot).parent == tmp_path / "runs" / "tiny-sweep"
+
+    published = result.published
+    assert (published.model, published.version) == ("tiny", 1)
+    assert published.metadata["metrics"]["val/miou"] == pytest.approx(result.best.value("val/miou"))
+    assert published.metadata["sweep"]["trial_id"] == result.best.trial_id
+
+    shown = runner.invoke(app, ["models", "show", "tiny", "--registry", registry, "--verify"])
+    assert shown.exit_code == 0, shown.output
+    assert "tiny/1" in shown.output and "verified" in shown.output and result.best.trial_id in shown.output
+    local = resolve_model("tiny", registry=registry)
+    from seminar.predict import Segmenter
+
+    segmenter = Segmenter.load(str(local))
+    assert segmenter.classes[0] == "background" or len(segmenter.classes) == 4

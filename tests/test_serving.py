@@ -1,0 +1,444 @@
+"""The segmentation endpoint on a real Ray Serve app, over loopback HTTP.
+
+One application for the whole module, on the session's Ray cluster, serving an untrained
+DeepLabV3+ checkpoint (written by the training code's own checkpoint writer) through a
+model registry name - so the registry lookup is exercised too. Images are small
+(infer_size 64) to keep the module well under a minute of serving on 2 cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import free_port, wait_for_port
+from test_serving_units import encode, make_checkpoint
+
+INFER_SIZE = 64
+MAX_BYTES = 100_000
+MAX_PIXELS = 400_000
+
+
+def synthetic_image(index: int, height: int = 64, width: int = 64) -> np.ndarray:
+    from seminar.data.datasets import render_synthetic
+
+    image, _ = render_synthetic(np.random.default_rng([7, index]), max(height, width), 4)
+    return np.ascontiguousarray(image[:height, :width])
+
+
+@pytest.fixture(scope="module")
+def registry_model(tmp_path_factory):
+    """(registry name to serve, local checkpoint) - the checkpoint published as version 1."""
+    from jobs.registry import ModelRegistry
+
+    root = tmp_path_factory.mktemp("serving")
+    checkpoint = make_checkpoint(root / "checkpoint", model="deeplabv3plus_resnet18")
+    registry = root / "registry"
+    ModelRegistry(str(registry)).publish(str(checkpoint), "shapes")
+    return f"{registry}/shapes", checkpoint
+
+
+@pytest.fixture(scope="module")
+def segmenter(registry_model):
+    import torch
+
+    from seminar.predict import Segmenter
+
+    torch.set_num_threads(1)  # as in the replica: same kernels, same sums
+    return Segmenter.load(str(registry_model[1]))
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, registry_model):
+    """Base URL of the app; Serve is shut down when the module ends."""
+    from ray import serve
+
+    from seminar.config import ServingConfig
+    from serving.app import ServeArgs, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serving = ServingConfig(infer_size=INFER_SIZE, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS,
+                                num_replicas=1, max_batch_size=8, batch_pixel_budget=8 * 64 * 64,
+                                max_ongoing_requests=16, max_queued_requests=32, torch_threads=1)
+        serve.run(build_app(ServeArgs(model=registry_model[0], serving=serving)), name="seminar-test",
+                  route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def post_image(server: str, data: bytes, fmt: str = "png", content_type: str = "image/png", **params):
+    return requests.post(f"{server}/v1/segment", params={"format": fmt, **params}, data=data,
+                         headers={"Content-Type": content_type}, timeout=60)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float((a == b).mean())
+
+
+# ---- the three formats ----------------------------------------------------------------
+
+
+def test_png_answer_is_the_models_prediction(server, segmenter):
+    image = synthetic_image(1)
+    answer = post_image(server, encode(image))
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "image/png"
+    assert answer.headers["x-model-version"] == "shapes/1"
+    label_map = Image.open(io.BytesIO(answer.content))
+    assert label_map.mode == "P" and label_map.size == (64, 64)
+    assert label_map.getpalette()[: 3 * len(segmenter.palette)] == [v for c in segmenter.palette for v in c]
+    expected, _ = segmenter.segment(image)
+    # Same weights, same input, same kernels: equal up to float ties of an untrained model.
+    assert agreement(np.asarray(label_map), expected) > 0.999
+    assert answer.headers["x-classes-present"] == ",".join(map(str, np.unique(np.asarray(label_map))))
+
+
+def test_jpeg_and_multipart_inputs(server, segmenter):
+    jpeg = encode(synthetic_image(2), "JPEG", quality=90)
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    expected, _ = segmenter.segment(decoded)
+    raw = post_image(server, jpeg, content_type="image/jpeg")
+    multipart = requests.post(f"{server}/v1/segment", files={"file": ("photo.jpg", jpeg, "image/jpeg")}, timeout=60)
+    for answer in (raw, multipart):
+        assert answer.status_code == 200, answer.text
+        assert agreement(np.asarray(Image.open(io.BytesIO(answer.content))), expected) > 0.999
+
+
+def test_json_answer_rle_masks_and_confidence(server, segmenter):
+    from serving.imaging import rle_decode_column_major
+
+    image = synthetic_image(3, 48, 64)  # landscape: the long side is the inference size
+    answer = post_image(server, encode(image), fmt="json")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model_version"] == "shapes/1" and (body["height"], body["width"]) == (48, 64)
+    assert "column-major" in body["rle_format"]
+    expected, confidence = segmenter.segment(image)
+    rebuilt = np.full((48, 64), 255, np.uint8)
+    for cls in body["classes"]:
+        assert cls["name"] == segmenter.classes[cls["id"]] and cls["color"] == list(segmenter.palette[cls["id"]])
+        mask = rle_decode_column_major(cls["rle"]["counts"], *cls["rle"]["size"])
+        assert mask.sum() == cls["pixels"]
+        assert (rebuilt[mask] == 255).all()  # masks do not overlap
+        rebuilt[mask] = cls["id"]
+        if cls["pixels"] > 20:
+            assert cls["mean_confidence"] == pytest.approx(confidence[expected == cls["id"]].mean(), abs=1e-3)
+    assert (rebuilt != 255).all()  # and cover the image
+    assert agreement(rebuilt, expected) > 0.999
+    assert body["mean_confidence"] == pytest.approx(float(confidence.mean()), abs=1e-4)
+
+
+def test_overlay_answer(server, segmenter):
+    image = synthetic_image(4)
+    answer = post_image(server, encode(image), fmt="overlay", alpha=0.6)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    overlay = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB")).astype(int)
+    assert overlay.shape == image.shape
+    labels, _ = segmenter.segment(image)
+    palette = np.asarray(segmenter.palette)
+    blended = np.round(image * 0.4 + palette[labels] * 0.6)
+    tinted = labels != 0  # class 0 is "background": left as it is
+    close = np.abs(overlay - np.where(tinted[..., None], blended, image)).max(-1) <= 1
+    assert close.mean() > 0.999
+
+
+def test_any_image_size_comes_back_at_its_own_size(server):
+    for height, width in [(37, 150), (300, 200), (5, 5)]:
+        image = synthetic_image(5, height, width) if max(height, width) <= 64 else \
+            np.asarray(Image.fromarray(synthetic_image(5)).resize((width, height)))
+        answer = post_image(server, encode(image))
+        assert answer.status_code == 200, answer.text
+        label_map = Image.open(io.BytesIO(answer.content))
+        assert label_map.size == (width, height)
+        assert set(np.unique(np.asarray(label_map))) <= {0, 1, 2, 3}
+
+
+# ---- refused inputs -------------------------------------------------------------------
+
+
+def noise_png(height: int, width: int) -> bytes:
+    return encode(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+BAD_INPUTS = {
+    # name: (body, content type, status, error code)
+    "empty": (b"", "image/png", 400, "empty_body"),
+    "garbage": (b"\x00\x01 definitely not an image", "image/png", 400, "undecodable_image"),
+    "truncated": (encode(np.full((64, 64, 3), 9, np.uint8))[:80], "image/png", 400, "undecodable_image"),
+    "gif": (encode(np.zeros((16, 16, 3), np.uint8), "GIF"), "application/octet-stream", 415, "unsupported_media_type"),
+    "text": (b"hello", "text/plain", 415, "unsupported_media_type"),
+    "too_many_bytes": (noise_png(200, 200), "image/png", 413, "payload_too_large"),  # ~120 kB
+    "too_many_pixels": (encode(np.zeros((700, 700, 3), np.uint8)), "image/png", 413, "too_many_pixels"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_inputs_get_4xx_with_a_reason(server, name):
+    body, content_type, status, error = BAD_INPUTS[name]
+    answer = post_image(server, body, content_type=content_type)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["error"] == error and answer.json()["detail"]
+    assert answer.headers["x-model-version"] == "shapes/1"
+
+
+def test_bad_multipart_and_parameters(server):
+    no_file = requests.post(f"{server}/v1/segment", files={"note": (None, "no image here")}, timeout=30)
+    assert no_file.status_code == 400 and "file" in no_file.json()["detail"]
+    form = requests.post(f"{server}/v1/segment", data={"note": "no image here"}, timeout=30)
+    assert form.status_code == 415  # application/x-www-form-urlencoded
+    wrong_part_type = requests.post(f"{server}/v1/segment", files={"file": ("a.txt", b"hi", "text/plain")}, timeout=30)
+    assert wrong_part_type.status_code == 415
+    bad_format = post_image(server, encode(synthetic_image(6)), fmt="tiff")
+    assert bad_format.status_code == 422 and "format" in bad_format.json()["detail"]
+
+
+# ---- metadata, liveness, readiness ------------------------------------------------------
+
+
+def test_model_health_and_readiness(server, segmenter):
+    model = requests.get(f"{server}/v1/model", timeout=30).json()
+    assert model["version"] == "shapes/1" and model["checkpoint_version"] == "serving-test@0"
+    assert [c["name"] for c in model["classes"]] == segmenter.classes
+    assert model["palette"] == [list(c) for c in segmenter.palette]
+    assert model["click_source"] == "simulated" and model["which"] == "primary_teacher"
+    assert model["metrics"]["val/miou"] == 0.25 and model["metrics"]["val/iou/0"] is None  # NaN -> null
+    assert model["registry"]["model"] == "shapes" and model["registry"]["version"] == 1
+    assert model["inference"]["infer_size"] == INFER_SIZE
+    assert requests.get(f"{server}/healthz", timeout=30).json() == {"alive": True}
+    ready = requests.get(f"{server}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+# ---- load -----------------------------------------------------------------------------
+
+
+def test_burst_with_malformed_requests_gets_no_5xx(server):
+    """300 requests, 10% malformed, 16 at a time: every good one 200, every bad one 4xx."""
+    shapes = [(64, 64), (48, 64), (64, 40), (30, 64)]  # mixed shapes: batches pad and crop
+    good = [encode(synthetic_image(i, *shapes[i % len(shapes)])) for i in range(8)]
+    bad = [b"", b"junk", good[0][:50]]
+    local = threading.local()
+
+    def send(i: int) -> tuple[bool, int]:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        malformed = i % 10 == 0
+        body = bad[i % len(bad)] if malformed else good[i % len(good)]
+        answer = session.post(f"{server}/v1/segment", data=body, headers={"Content-Type": "image/png"}, timeout=120)
+        return malformed, answer.status_code
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, range(300)))
+    elapsed = time.perf_counter() - start
+    statuses = [status for _, status in results]
+    assert not [s for s in statuses if s >= 500], f"5xx answers: {sorted(set(statuses))}"
+    assert all(status == 400 for malformed, status in results if malformed)
+    assert all(status == 200 for malformed, status in results if not malformed)
+    print(f"burst: 300 requests in {elapsed:.1f} s ({300 / elapsed:.0f}/s)")
+
+
+def test_overload_answers_503_with_retry_after(ray_session, server, registry_model):
+    """A deployment that holds 1 request and queues 1 more refuses the rest of a burst."""
+    from ray import serve
+
+    from seminar.config import ServingConfig
+    from serving.app import ServeArgs, build_app
+
+    tight = ServingConfig(infer_size=INFER_SIZE, num_replicas=1, max_ongoing_requests=1, max_queued_requests=1,
+                          retry_after_s=2, torch_threads=1)
+    serve.run(build_app(ServeArgs(model=str(registry_model[1]), serving=tight)), name="tight", route_prefix="/tight")
+    try:
+        body = encode(synthetic_image(8))
+        barrier = threading.Barrier(24)
+
+        def send(_):
+            barrier.wait()
+            return requests.post(f"{server}/tight/v1/segment", data=body, headers={"Content-Type": "image/png"},
+                                 timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(send, range(24)))
+        statuses = sorted(a.status_code for a in answers)
+        assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+        for answer in answers:
+            if answer.status_code == 503:
+                assert answer.headers["retry-after"] == "2"
+    finally:
+        serve.delete("tight")
+
+
+# ---- metrics --------------------------------------------------------------------------
+
+
+def scrape_until(url: str, ready, timeout: float = 60.0) -> str:
+    """Ray's exporter publishes every few seconds: poll until `ready(text)`."""
+    deadline = time.time() + timeout
+    text = ""
+    while time.time() < deadline:
+        try:
+            text = requests.get(url, timeout=10).text
+        except requests.RequestException:
+            text = ""
+        if text and ready(text):
+            return text
+        time.sleep(1)
+    raise AssertionError(f"metrics not exported within {timeout}s; last scrape:\n{text[-3000:]}")
+
+
+def our_families(text: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("ray_seminar_serve")}
+
+
+def test_prometheus_metrics(server, ray_cluster):
+    for i in range(3):
+        post_image(server, encode(synthetic_image(i)))
+    post_image(server, b"junk")
+
+    def complete(text: str) -> bool:
+        families = our_families(text)
+        requests_total = families.get("ray_seminar_serve_requests")
+        return (requests_total is not None and "ray_seminar_serve_batch_images" in families
+                and {s.labels.get("status") for s in requests_total.samples} >= {"200", "400"})
+
+    text = scrape_until(ray_cluster.metrics_url, complete)
+    families = our_families(text)
+    assert families["ray_seminar_serve_requests"].type == "counter"
+    samples = {(s.labels["route"], s.labels["status"]): s.value
+               for s in families["ray_seminar_serve_requests"].samples if s.name.endswith("_total")}
+    assert samples[("/v1/segment", "200")] >= 3 and samples[("/v1/segment", "400")] >= 1
+    assert all(s.labels["model_version"] == "shapes/1"
+               for f in families.values() for s in f.samples if "model_version" in s.labels)
+    for name in ("ray_seminar_serve_request_seconds", "ray_seminar_serve_image_megapixels",
+                 "ray_seminar_serve_batch_images", "ray_seminar_serve_batch_megapixels"):
+        assert families[name].type == "histogram", name
+        count = [s for s in families[name].samples if s.name == f"{name}_count"]
+        assert count and count[0].value > 0, name
+    info = families["ray_seminar_serve_model_info"].samples
+    assert info and info[0].value == 1 and info[0].labels["which"] == "primary_teacher"
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus); the parse above passed")
+    # Lint only our families: Ray's own metrics are not ours to fix.
+    ours = "\n".join(line for line in text.splitlines() if "ray_seminar_serve" in line) + "\n"
+    lint = subprocess.run([promtool, "check", "metrics"], input=ours, capture_output=True, text=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+# ---- the web page in a real browser -----------------------------------------------------
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, websocket_url: str):
+        from websockets.sync.client import connect
+
+        self.socket = connect(websocket_url, max_size=None, open_timeout=30)
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def wait_event(self, method: str, timeout: float = 30) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for event in self.events:
+                if event.get("method") == method:
+                    self.events.remove(event)
+                    return event
+            self.events.append(json.loads(self.socket.recv(timeout=max(0.1, deadline - time.time()))))
+        raise TimeoutError(method)
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        return result["result"].get("value")
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """A headless Chromium with remote debugging on loopback; killed by its pid afterwards."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
+    port = free_port()
+    process = subprocess.Popen(
+        [executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+         "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-proxy-server", "--window-size=1100,800",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}",
+         "--remote-debugging-address=127.0.0.1", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=60)
+        yield port
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def test_web_page_segments_a_dropped_image(server, chromium, tmp_path):
+    targets = []
+    deadline = time.time() + 30
+    while not targets and time.time() < deadline:
+        targets = [t for t in requests.get(f"http://127.0.0.1:{chromium}/json/list", timeout=10).json()
+                   if t["type"] == "page"]
+        time.sleep(0.2)
+    page = DevTools(targets[0]["webSocketDebuggerUrl"])
+    page.call("Page.enable")
+    page.call("Page.navigate", url=f"{server}/")
+    page.wait_event("Page.loadEventFired")
+    assert page.evaluate("document.title") == "Seminar segmentation"
+
+    picture = tmp_path / "shapes.png"
+    picture.write_bytes(encode(np.asarray(Image.fromarray(synthetic_image(11)).resize((320, 240)))))
+    document = page.call("DOM.getDocument")
+    file_input = page.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#file")
+    page.call("DOM.setFileInputFiles", nodeId=file_input["nodeId"], files=[str(picture)])
+
+    deadline = time.time() + 60
+    while page.evaluate("document.body.dataset.state || ''") not in ("done", "error") and time.time() < deadline:
+        time.sleep(0.2)
+    status = page.evaluate("document.getElementById('status').textContent")
+    assert page.evaluate("document.body.dataset.state") == "done", status
+    assert page.evaluate("document.getElementById('overlay').naturalWidth") == 320
+    legend = page.evaluate("[...document.querySelectorAll('#legend li')].map(li => li.textContent)")
+    assert legend and set(legend) <= {"background", "disk_1", "square_2", "triangle_3"}
+    assert "shapes/1" in page.evaluate("document.getElementById('model').textContent")
+
+    shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
+    screenshot = Path(os.environ.get("SEMINAR_SCREENSHOT_DIR", tmp_path)) / "serving-web-page.png"
+    screenshot.write_bytes(shot)
+    assert Image.open(screenshot).size[0] > 0
+    print(f"screenshot: {screenshot}")

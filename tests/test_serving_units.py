@@ -1,0 +1,269 @@
+"""The serving layer's parts without Ray: input checks, encodings, batching, model lookup, config, CLI.
+
+The endpoint itself, on a real Serve app, is tested in test_serving.py.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from seminar.config import ServingConfig
+from serving.batching import PixelBudget, QueuedImage, batch_cost, pad_and_stack, predict_batch, restore_size
+from serving.imaging import (
+    InputError,
+    check_declared_type,
+    decode_image,
+    label_png,
+    overlay_png,
+    resize_long_side,
+    rle_column_major,
+    rle_decode_column_major,
+    segmentation_json,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(directory: Path, model: str = "deeplabv3plus_mobilenetv2") -> Path:
+    """An untrained one-student checkpoint, written by the training code's own writer."""
+    from seminar.config import load_spec
+    from seminar.data import build_dataset
+    from seminar.engine import WorkerContext, build_student, write_checkpoint
+
+    cfg = load_spec(None, ["method.w_ss=0", f"students=[{{model: {model}}}]",
+                           "data.synthetic.image_size=64", "storage.run_name=serving-test"])
+    info = build_dataset(cfg.data, "train").info
+    ctx = WorkerContext(students=[0])
+    write_checkpoint(str(directory), cfg, {0: build_student(cfg, 0, info.num_classes, ctx)}, info, 0,
+                     {"val/miou": 0.25, "val/iou/0": float("nan")}, ctx)
+    return directory
+
+
+def encode(image: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format=fmt, **kwargs)
+    return out.getvalue()
+
+
+# ---- input checks --------------------------------------------------------------------
+
+
+def test_decode_png_and_jpeg_to_rgb():
+    image = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    assert np.array_equal(decode_image(encode(image), 10**6), image)
+    jpeg = decode_image(encode(image, "JPEG"), 10**6)
+    assert jpeg.shape == (30, 50, 3) and jpeg.dtype == np.uint8
+    grey = decode_image(encode(image[..., 0]), 10**6)  # mode L -> RGB
+    assert grey.shape == (30, 50, 3)
+
+
+@pytest.mark.parametrize("data, status, error", [
+    (b"", 400, "empty_body"),
+    (b"this is not an image", 400, "undecodable_image"),
+    (encode(np.zeros((20, 20, 3), np.uint8), "GIF"), 415, "unsupported_media_type"),
+    (encode(np.zeros((20, 20, 3), np.uint8), "BMP"), 415, "unsupported_media_type"),
+    (encode(np.full((64, 64, 3), 7, np.uint8))[:60], 400, "undecodable_image"),  # truncated
+    (encode(np.zeros((200, 300, 3), np.uint8)), 413, "too_many_pixels"),
+])
+def test_refused_inputs(data, status, error):
+    with pytest.raises(InputError) as refused:
+        decode_image(data, max_pixels=50_000)
+    assert (refused.value.status, refused.value.error) == (status, error)
+    assert refused.value.detail
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    # 5000 x 5000 declared in the header, a few kilobytes on the wire: never decoded.
+    bomb = encode(np.zeros((5000, 5000), np.uint8))
+    assert len(bomb) < 100_000
+    with pytest.raises(InputError) as refused:
+        decode_image(bomb, max_pixels=16 * 2**20)
+    assert refused.value.status == 413
+
+
+def test_declared_types():
+    for ok in (None, "", "image/png", "image/jpeg; charset=binary", "application/octet-stream"):
+        check_declared_type(ok)
+    for bad in ("text/plain", "image/gif", "application/json"):
+        with pytest.raises(InputError) as refused:
+            check_declared_type(bad)
+        assert refused.value.status == 415
+
+
+def test_resize_long_side_keeps_aspect():
+    image = np.zeros((300, 400, 3), np.uint8)
+    assert resize_long_side(image, 64).shape == (48, 64, 3)
+    assert resize_long_side(np.zeros((10, 5, 3), np.uint8), 64).shape == (64, 32, 3)  # upscaled too
+    assert resize_long_side(image, 400) is image
+
+
+# ---- encodings -----------------------------------------------------------------------
+
+
+def test_rle_is_coco_column_major():
+    mask = np.array([[0, 1, 1],
+                     [0, 0, 1]], dtype=bool)
+    # column-major: column 0 = (0, 0), column 1 = (1, 0), column 2 = (1, 1) -> 0 0 1 0 1 1
+    assert rle_column_major(mask) == [2, 1, 1, 2]
+    assert rle_column_major(np.ones((2, 2), bool)) == [0, 4]  # starts with an empty run of zeros
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        random_mask = rng.random((13, 7)) > 0.6
+        counts = rle_column_major(random_mask)
+        assert sum(counts) == random_mask.size
+        assert np.array_equal(rle_decode_column_major(counts, 13, 7), random_mask)
+
+
+def test_segmentation_json_lists_present_classes():
+    labels = np.array([[0, 0, 2], [2, 2, 2]], np.uint8)
+    confidence = np.array([[0.5, 0.7, 0.9], [0.8, 0.6, 0.7]], np.float32)
+    answer = segmentation_json(labels, confidence, ["bg", "a", "b"], [(0, 0, 0), (1, 1, 1), (2, 2, 2)], "m/1")
+    assert [c["id"] for c in answer["classes"]] == [0, 2]
+    by_id = {c["id"]: c for c in answer["classes"]}
+    assert by_id[2]["pixels"] == 4 and by_id[2]["mean_confidence"] == pytest.approx(0.75)
+    assert by_id[0]["mean_confidence"] == pytest.approx(0.6)
+    assert answer["mean_confidence"] == pytest.approx(confidence.mean())
+    assert "column-major" in answer["rle_format"]
+    rebuilt = np.zeros_like(labels)
+    for c in answer["classes"]:
+        rebuilt[rle_decode_column_major(c["rle"]["counts"], *c["rle"]["size"])] = c["id"]
+    assert np.array_equal(rebuilt, labels)
+
+
+def test_label_png_is_a_palette_image():
+    labels = np.array([[0, 1], [3, 2]], np.uint8)
+    palette = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0)]
+    image = Image.open(io.BytesIO(label_png(labels, palette)))
+    assert image.mode == "P"
+    assert np.array_equal(np.asarray(image), labels)
+    assert image.getpalette()[:12] == [v for c in palette for v in c]
+
+
+def test_overlay_leaves_background_untinted():
+    image = np.full((2, 2, 3), 100, np.uint8)
+    labels = np.array([[0, 1], [1, 0]], np.uint8)
+    out = np.asarray(Image.open(io.BytesIO(overlay_png(image, labels, [(0, 0, 0), (200, 0, 0)], 0.5, (0,)))))
+    assert out[0, 0].tolist() == [100, 100, 100]
+    assert out[0, 1].tolist() == [150, 50, 50]
+
+
+# ---- batching ------------------------------------------------------------------------
+
+
+def test_pixel_budget_bounds_count_and_padded_pixels():
+    budget = PixelBudget(max_images=4, max_pixels=64 * 64 * 2)
+
+    def queued(h, w):
+        return QueuedImage(torch.zeros(3, h, w), budget)
+
+    small = [queued(16, 16)] * 4
+    assert batch_cost(small) == 4  # count-bound: 4 slots for 4 small images
+    assert batch_cost(small + [queued(16, 16)]) > 4  # a fifth image does not fit
+    assert batch_cost([queued(64, 64)] * 2) == 4  # two full-size images fill the pixel budget
+    assert batch_cost([queued(64, 64)] * 3) > 4
+    # a portrait and a landscape pad to 64 x 64 each: priced as two full-size images
+    assert batch_cost([queued(64, 48), queued(48, 64)]) == 4
+    assert batch_cost([queued(64, 64)]) <= 4  # one image always fits
+
+
+def test_padded_batch_crops_back_to_each_image():
+    tensors = [torch.randn(3, 8, 12), torch.randn(3, 12, 6)]
+    stacked = pad_and_stack(tensors)
+    assert stacked.shape == (2, 3, 12, 12)
+    assert torch.equal(stacked[0, :, :8, :12], tensors[0]) and stacked[0, :, 8:].abs().sum() == 0
+
+    def identity_probs(x):  # a "model" whose output is its input: cropping must return the input
+        return x
+
+    out = predict_batch(identity_probs, tensors)
+    assert [tuple(o.shape) for o in out] == [(3, 8, 12), (3, 12, 6)]
+    assert all(torch.equal(o, t) for o, t in zip(out, tensors))
+
+
+def test_restore_size_matches_full_upsample_argmax(monkeypatch):
+    probs = torch.rand(5, 9, 13).softmax(0)
+    full = F.interpolate(probs[None], size=(40, 30), mode="bilinear", align_corners=False)[0]
+    expected_conf, expected_labels = full.max(0)
+    import serving.batching
+
+    monkeypatch.setattr(serving.batching, "RESTORE_CHUNK_VALUES", 40 * 30 * 2)  # 2 classes per chunk
+    labels, confidence = restore_size(probs, 40, 30)
+    assert labels.dtype == np.uint8 and labels.shape == (40, 30)
+    assert np.array_equal(labels, expected_labels.numpy())
+    assert np.allclose(confidence, expected_conf.numpy())
+    same_labels, _ = restore_size(probs, 9, 13)
+    assert np.array_equal(same_labels, probs.argmax(0).numpy())
+
+
+# ---- model lookup, config, CLI -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("serving-units") / "checkpoint")
+
+
+def test_resolve_checkpoint_and_registry_names(checkpoint, tmp_path, monkeypatch):
+    from jobs.registry import ModelRegistry
+    from serving.model_uri import resolve_model_uri
+
+    direct = resolve_model_uri(str(checkpoint))
+    assert Path(direct.checkpoint) == checkpoint and direct.version == "serving-test@0"
+
+    registry = tmp_path / "registry"
+    ModelRegistry(str(registry)).publish(str(checkpoint), "shapes")
+    ModelRegistry(str(registry)).publish(str(checkpoint), "shapes")
+    latest = resolve_model_uri(f"{registry}/shapes")
+    assert latest.version == "shapes/2" and (Path(latest.checkpoint) / "meta.json").is_file()
+    assert resolve_model_uri(f"{registry}/shapes/1").version == "shapes/1"
+    monkeypatch.setenv("SEMINAR_REGISTRY", str(registry))
+    assert resolve_model_uri("shapes/1").version == "shapes/1"
+    assert resolve_model_uri("shapes", registry=str(registry)).version == "shapes/2"
+    with pytest.raises(Exception, match="no model 'other'"):
+        resolve_model_uri("other")
+
+
+def test_serving_config_checks_budget():
+    with pytest.raises(ValueError, match="batch_pixel_budget"):
+        ServingConfig(infer_size=2048, batch_pixel_budget=2**20)
+    with pytest.raises(ValueError, match="min_replicas"):
+        ServingConfig(min_replicas=3, max_replicas=2)
+
+
+def test_serve_config_yaml_builds_the_application(checkpoint):
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+    from ray._common.utils import import_attr
+
+    raw = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    app_config = schema.applications[0]
+    args = {**app_config.args, "model": str(checkpoint)}
+    app = call_user_app_builder_with_args_if_necessary(import_attr(app_config.import_path), args)
+    deployment = app._bound_deployment
+    assert deployment.name == "segmenter"
+    assert deployment._deployment_config.max_queued_requests == raw["applications"][0]["args"]["serving"]["max_queued_requests"]
+    assert deployment._deployment_config.backpressure_config.retry_after_s == 1
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 2
+
+
+def test_cli_registers_serve_and_refuses_unknown_models(tmp_path):
+    from typer.testing import CliRunner
+
+    from seminar.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+    help_text = runner.invoke(app, ["serve", "--help"]).output
+    assert "--replicas" in help_text and "--port" in help_text
+    result = runner.invoke(app, ["serve", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "cannot load model" in result.output
+    result = runner.invoke(app, ["serve", str(tmp_path), "--set", "infer_size=8"])
+    assert result.exit_code == 2 and "infer_size" in result.output
