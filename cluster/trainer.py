@@ -31,7 +31,8 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, CheckpointConsistencyMode, FailureConfig, RunConfig,
+                       ScalingConfig)
 from ray.train.collective import broadcast_from_rank_zero
 from ray.train.torch import TorchTrainer
 
@@ -141,6 +142,11 @@ class Reporter:
         merged = {**self._gather(metrics), **self.run_info}
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(merged, checkpoint=checkpoint)
+        if checkpoint:
+            # Ray registers a checkpoint only once its controller has polled every worker's
+            # report (every ~2 s); a worker dying before that loses it. Waiting here keeps the
+            # promise of losing at most one checkpoint interval.
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     def _gather(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:

@@ -144,7 +144,9 @@ def connect(address: str | None = None) -> JobSubmissionClient:
 
     address = resolve_address(address)
     _check_reachable(address)
-    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's client logs every upload and socket at INFO
+    # Ray's client logs every upload and socket at INFO; this command says what matters itself.
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     token, _ = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     with cluster_errors(address):
@@ -221,6 +223,7 @@ class SubmittedJob:
     address: str
     run_name: str
     storage: str  # where the run (checkpoints, sweep results) lands: <storage.path>/<run_name>
+    working_dir_bytes: int = 0
 
 
 def new_run_name(kind: str = "train") -> str:
@@ -251,6 +254,7 @@ def submit_spec(cfg: TrainConfig, address: str | None = None, *, kind: str = "tr
     job_id = f"{run_name}-{secrets.token_hex(2)}" if given else run_name
     with tempfile.TemporaryDirectory(prefix="seminar-job-") as tmp:
         working_dir = stage_working_dir(cfg, Path(tmp) / "working_dir")
+        size = sum(p.stat().st_size for p in working_dir.rglob("*") if p.is_file())
         with cluster_errors(address):
             job_id = client.submit_job(
                 entrypoint=entrypoint,
@@ -258,11 +262,12 @@ def submit_spec(cfg: TrainConfig, address: str | None = None, *, kind: str = "tr
                 runtime_env={"working_dir": str(working_dir)},
                 metadata={"seminar_kind": kind, "seminar_run": run_name, "seminar_storage": cfg.storage.path},
             )
-    return SubmittedJob(job_id, address, run_name, f"{cfg.storage.path.rstrip('/')}/{run_name}")
+    return SubmittedJob(job_id, address, run_name, f"{cfg.storage.path.rstrip('/')}/{run_name}", size)
 
 
-def follow_logs(client: JobSubmissionClient, job_id: str, out: TextIO = sys.stdout) -> str:
+def follow_logs(client: JobSubmissionClient, job_id: str, out: TextIO | None = None) -> str:
     """Stream the job's logs until it ends; return its final status (e.g. 'SUCCEEDED')."""
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
