@@ -174,7 +174,7 @@ def _client(address: Optional[str]):
 
 
 def _when(ms: Optional[int]) -> str:
-    return "-" if not ms else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+    return "-" if not ms else time.strftime("%m-%d %H:%M:%S", time.localtime(ms / 1000))
 
 
 @jobs_app.command("list")
@@ -189,12 +189,12 @@ def jobs_list(address: Optional[str] = typer.Option(None, "--address", "-a", hel
     except ClusterError as e:
         fail(str(e))
     table = Table(title=f"jobs on {client._address}")
-    for col in ("job id", "status", "kind", "started", "ended", "entrypoint"):
-        table.add_column(col)
+    table.add_column("job id", no_wrap=True)
+    for col in ("status", "kind", "started"):
+        table.add_column(col, no_wrap=True)
     for job in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True):
-        meta = job.metadata or {}
-        table.add_row(job.submission_id or job.job_id or "-", str(job.status.value), meta.get("seminar_kind", "-"),
-                      _when(job.start_time), _when(job.end_time), (job.entrypoint or "")[:60])
+        kind = (job.metadata or {}).get("seminar_kind", "-")  # jobs not submitted by seminar: "-"
+        table.add_row(job.submission_id or job.job_id or "-", str(job.status.value), kind, _when(job.start_time))
     console.print(table)
 
 

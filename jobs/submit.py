@@ -106,8 +106,8 @@ def cluster_errors(address: str, job_id: str | None = None) -> Iterator[None]:
     except ClusterError:
         raise
     except AuthenticationError as e:
-        _, source = auth_token()
-        if "Authentication required" in str(e):
+        token, source = auth_token()
+        if token is None or "Authentication required" in str(e):
             raise ClusterError(f"the Ray cluster at {address} requires an auth token; none found in {source} "
                                "(set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token)") from None
         raise ClusterError(f"the Ray cluster at {address} rejected the auth token from {source} "

@@ -45,6 +45,7 @@ from seminar.config import SweepConfig, TrainConfig
 
 TRAINS_PER_TRIAL_DIR = "runs"
 PLOT_FILE = "val_miou.png"
+TRIAL_DRIVER_CPUS = 0.25
 
 
 # --------------------------------------------------------------------------------------
@@ -188,8 +189,9 @@ def run_sweep(cfg: TrainConfig, address: str | None = None, registry: str | None
         trainable = tune.with_parameters(
             train_trial, base_spec=cfg.model_dump(mode="json") | {"sweep": sweep.model_dump(mode="json")},
             sweep_name=name, runs_path=f"{sweep_path}/{TRAINS_PER_TRIAL_DIR}")
-        # The trial function only drives its trainer: the workers reserve the CPUs/GPUs.
-        trainable = tune.with_resources(trainable, {"CPU": 0})
+        # The trial function only drives its trainer, whose workers reserve their own CPUs
+        # and GPUs: a quarter CPU keeps it from taking a whole core (zero is not allowed).
+        trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(sweep),
@@ -263,39 +265,39 @@ def _summarize_trial(result, params: list[str], max_t: int) -> TrialSummary:
 
 
 def trials_table(result: SweepResult) -> Table:
-    table = Table(title=f"sweep {result.name}: {len(result.trials)} trials, "
-                        f"{len(result.stopped_early)} stopped early by ASHA ({result.wall_s:.0f} s)")
-    table.add_column("trial")
+    """One row per trial, best first: its values, how far it got, every student's mIoU."""
+    table = Table(title=f"sweep {result.name}: {len(result.trials)} trials, {len(result.stopped_early)} stopped "
+                        f"early by ASHA, {result.wall_s:.0f} s", caption="* published" if result.best else None)
+    table.add_column("trial", no_wrap=True)
     params = list(result.trials[0].params) if result.trials else []
     for p in params:
-        table.add_column(p, justify="right")
-    table.add_column("status")
-    table.add_column("evals", justify="right")
-    table.add_column("step", justify="right")
-    table.add_column(result.metric, justify="right")
+        table.add_column(p.rsplit(".", 1)[-1], justify="right")
+    for name, justify in (("status", "left"), ("evals", "right"), ("step", "right"), (result.metric, "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
     students = sorted({k.split("/")[0] for t in result.trials for k in t.last if k.endswith("/val_miou_teacher")})
     for s in students:
-        table.add_column(f"{s} teacher", justify="right")
-    order = sorted(result.trials, key=lambda t: -(t.value(result.metric) or -1) if result.mode == "max"
-                   else (t.value(result.metric) or math.inf))
-    for t in order:
-        status = "error" if t.status == "ERROR" else ("stopped (ASHA)" if t.stopped_early else "completed")
+        table.add_column(f"{s} T", justify="right")  # that student's teacher mIoU
+
+    def rank(t: TrialSummary) -> float:
+        v = t.value(result.metric)
+        return math.inf if v is None else (-v if result.mode == "max" else v)
+
+    for t in sorted(result.trials, key=rank):
+        status = "error" if t.status == "ERROR" else ("stopped" if t.stopped_early else "done")
         value = t.value(result.metric)
-        mark = " *" if result.best is t else ""
         table.add_row(
-            t.trial_id + mark, *[_fmt(t.params[p]) for p in params], status,
+            t.trial_id + (" *" if result.best is t else ""), *[_fmt(t.params[p]) for p in params], status,
             f"{t.evaluations}/{result.max_evaluations}", _fmt(t.last.get("step")),
             "-" if value is None else f"{value:.4f}",
-            *[_fmt(t.last.get(f"{s}/val_miou_teacher")) for s in students])
-    table.caption = "* published" if result.best else None
+            *[_fmt(t.last.get(f"{s}/val_miou_teacher"), 3) for s in students])
     return table
 
 
-def _fmt(v) -> str:
+def _fmt(v, digits: int = 4) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.{digits}g}"
     return str(v)
 
 

@@ -205,8 +205,8 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
         return d <= r
     if kind == "square":
         return np.maximum(abs(u), abs(v)) <= 0.8 * r
-    if kind == "triangle":  # three half-planes at inradius r/2
-        return np.all([u * np.cos(a) + v * np.sin(a) <= r / 2 for a in (np.pi / 2, 7 * np.pi / 6, 11 * np.pi / 6)], 0)
+    if kind == "triangle":  # three half-planes; inradius 0.65 r gives about the others' area
+        return np.all([u * np.cos(a) + v * np.sin(a) <= 0.65 * r for a in (np.pi / 2, 7 * np.pi / 6, 11 * np.pi / 6)], 0)
     if kind == "ring":
         return (d <= r) & (d >= 0.55 * r)
     if kind == "cross":
@@ -245,7 +245,7 @@ def render_synthetic(
     num_foreground = num_classes - 1
     for _ in range(rng.integers(1, 5)):
         c = int(rng.integers(1, num_classes))
-        r = rng.uniform(0.1, 0.2) * size
+        r = rng.uniform(0.15, 0.28) * size  # large against a stride-16 feature map
         cy, cx = rng.uniform(0.5 * r, size - 0.5 * r, size=2)
         inside = _shape_mask(SHAPES[(c - 1) % len(SHAPES)], yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
         hue = ((c - 1) / num_foreground + rng.uniform(-0.15, 0.15) / num_foreground) % 1.0
