@@ -24,8 +24,9 @@ from rich.table import Table
 
 from seminar.config import SpecError, TrainConfig
 
-console = Console()
-errors = Console(stderr=True)
+# In a terminal, its width; in logs and pipes (a submitted sweep's table), wide enough.
+console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)  # one line stays one line
 
 ADDRESS_HELP = "the cluster's Jobs API (dashboard) URL, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS"
 PYTHON_HELP = "the Python on the cluster with this project's dependencies (default: python on the head's PATH)"

@@ -18,6 +18,7 @@ the environment as usual). The serving layer loads models through `resolve_model
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -50,8 +51,14 @@ def default_registry() -> str:
     return os.environ.get(DEFAULT_REGISTRY_ENV) or DEFAULT_REGISTRY
 
 
+CODE_VERSION_ENV = "SEMINAR_CODE_VERSION"  # set by `seminar submit`: the submitter's git describe
+
+
 def code_version() -> str:
-    """`git describe` of this checkout, or the installed package version."""
+    """`git describe` of this checkout (or of the one a job was submitted from), else the
+    package version."""
+    if os.environ.get(CODE_VERSION_ENV):
+        return os.environ[CODE_VERSION_ENV]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)
@@ -62,7 +69,9 @@ def code_version() -> str:
     try:
         return importlib.metadata.version("seminar")
     except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+        from seminar import __version__
+
+        return __version__
 
 
 def sha256_file(path: Path) -> str:
@@ -201,7 +210,6 @@ def _store(uri: str):
 
 def _wrap_storage_errors(fn):
     """Turn boto/OS errors into one RegistryError naming the registry."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
@@ -287,9 +295,8 @@ class ModelRegistry:
         if isinstance(self.store, _LocalStore):
             local = Path(mv.uri)
         else:
-            cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar" / "models")
             key = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
-            local = cache / key / model / str(mv.version)
+            local = _cache_root(cache_dir) / key / model / str(mv.version)
             try:
                 verify_files(local, files, where=str(local))
             except IntegrityError:
@@ -341,8 +348,8 @@ class ModelRegistry:
                 "click_source": meta.get("click_source"),
                 "num_students": meta.get("num_students"),
                 "step": meta.get("step"),
-                "code_version": meta.get("code_version") or code_version(),
-                "published_with": code_version(),
+                "code_version": code_version(),
+                "training_code_version": meta.get("code_version"),
                 "source_checkpoint": str(checkpoint),
                 "files": files,
                 **(extra or {}),
@@ -357,6 +364,10 @@ class ModelRegistry:
         while not self.store.claim(model, str(version)):
             version += 1
         return version
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar" / "models")
 
 
 def _mkdir(p: Path) -> Path:
@@ -442,8 +453,7 @@ def _resolve_path(ref: str, cache_dir: str | Path | None) -> Path:
     if store.read_bytes(CHECKPOINT_META) is not None:  # a checkpoint as training wrote it
         if isinstance(store, _LocalStore):
             return store.root
-        cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar" / "models")
-        dest = cache / "checkpoints" / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        dest = _cache_root(cache_dir) / "checkpoints" / hashlib.sha256(ref.encode()).hexdigest()[:16]
         if not (dest / CHECKPOINT_META).is_file():
             tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_mkdir(dest.parent)))
             _local_checkpoint(ref, tmp)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, TextIO
 from urllib.parse import urlparse
 
+from jobs.registry import CODE_VERSION_ENV, code_version
 from seminar.config import SweepConfig, TrainConfig, dump_spec
 
 if TYPE_CHECKING:
@@ -105,9 +106,9 @@ def cluster_errors(address: str, job_id: str | None = None) -> Iterator[None]:
         yield
     except ClusterError:
         raise
-    except AuthenticationError as e:
+    except AuthenticationError:
         token, source = auth_token()
-        if token is None or "Authentication required" in str(e):
+        if token is None:
             raise ClusterError(f"the Ray cluster at {address} requires an auth token; none found in {source} "
                                "(set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token)") from None
         raise ClusterError(f"the Ray cluster at {address} rejected the auth token from {source} "
@@ -250,6 +251,9 @@ def submit_spec(cfg: TrainConfig, address: str | None = None, *, kind: str = "tr
         run_name = given or new_run_name("train")
         cfg = for_cluster(cfg, run_name)
         entrypoint = f"{shlex.quote(python)} -m seminar.cli train --config {JOB_SPEC_FILE}"
+    if "://" not in cfg.storage.path and urlparse(address).hostname not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: storage.path {cfg.storage.path} is a directory on the cluster's nodes, not on this "
+              "machine; a cluster of several nodes needs shared storage (s3://bucket/prefix)", file=sys.stderr)
     # A new name doubles as the job id; a given name (resuming a run) may be submitted again.
     job_id = f"{run_name}-{secrets.token_hex(2)}" if given else run_name
     with tempfile.TemporaryDirectory(prefix="seminar-job-") as tmp:
@@ -259,10 +263,15 @@ def submit_spec(cfg: TrainConfig, address: str | None = None, *, kind: str = "tr
             job_id = client.submit_job(
                 entrypoint=entrypoint,
                 submission_id=job_id,
-                runtime_env={"working_dir": str(working_dir)},
+                runtime_env={"working_dir": str(working_dir),
+                             # The job has no .git: it records the code version it came from.
+                             "env_vars": {CODE_VERSION_ENV: code_version()}},
                 metadata={"seminar_kind": kind, "seminar_run": run_name, "seminar_storage": cfg.storage.path},
             )
     return SubmittedJob(job_id, address, run_name, f"{cfg.storage.path.rstrip('/')}/{run_name}", size)
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def follow_logs(client: JobSubmissionClient, job_id: str, out: TextIO | None = None) -> str:
@@ -277,9 +286,6 @@ def follow_logs(client: JobSubmissionClient, job_id: str, out: TextIO | None = N
     with cluster_errors(client._address, job_id):
         asyncio.run(tail())
         return wait_for_job(client, job_id, timeout_s=60)
-
-
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def wait_for_job(client: JobSubmissionClient, job_id: str, timeout_s: float = 600, poll_s: float = 1.0) -> str:

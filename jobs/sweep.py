@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import secrets
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from jobs.registry import ModelRegistry, default_registry
 from jobs.spec import candidate_values, set_field
 from seminar.config import SweepConfig, TrainConfig
 
-TRAINS_PER_TRIAL_DIR = "runs"
+TRIAL_RUNS_DIR = "runs"
 PLOT_FILE = "val_miou.png"
 TRIAL_DRIVER_CPUS = 0.25
 
@@ -103,7 +104,7 @@ class EvaluationReportCallback(TuneReportCallback):
             self._training_actor_item_queue.put(dict(self.latest))
 
 
-def train_trial(config: dict[str, Any], base_spec: dict, sweep_name: str, runs_path: str) -> None:
+def train_trial(config: dict[str, Any], base_spec: dict, runs_path: str) -> None:
     """A Tune function trainable: the base spec with this trial's values, trained on Ray."""
     raw = copy.deepcopy(base_spec)
     for name, value in config.items():
@@ -172,7 +173,7 @@ def new_sweep_name() -> str:
 def run_sweep(cfg: TrainConfig, address: str | None = None, registry: str | None = None,
               name: str | None = None, publish: bool = True, console=None) -> SweepResult:
     """Run the spec's sweep on Ray (`address`, RAY_ADDRESS, or an embedded local Ray)."""
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 160)  # logs: no terminal, wide
     sweep = cfg.sweep or SweepConfig()
     if not sweep.params:
         raise ValueError("the spec has no sweep.params: nothing to tune")
@@ -188,7 +189,7 @@ def run_sweep(cfg: TrainConfig, address: str | None = None, registry: str | None
         storage_path, storage_filesystem = storage_location(base_path)
         trainable = tune.with_parameters(
             train_trial, base_spec=cfg.model_dump(mode="json") | {"sweep": sweep.model_dump(mode="json")},
-            sweep_name=name, runs_path=f"{sweep_path}/{TRAINS_PER_TRIAL_DIR}")
+            runs_path=f"{sweep_path}/{TRIAL_RUNS_DIR}")
         # The trial function only drives its trainer, whose workers reserve their own CPUs
         # and GPUs: a quarter CPU keeps it from taking a whole core (zero is not allowed).
         trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
@@ -268,15 +269,17 @@ def trials_table(result: SweepResult) -> Table:
     """One row per trial, best first: its values, how far it got, every student's mIoU."""
     table = Table(title=f"sweep {result.name}: {len(result.trials)} trials, {len(result.stopped_early)} stopped "
                         f"early by ASHA, {result.wall_s:.0f} s", caption="* published" if result.best else None)
-    table.add_column("trial", no_wrap=True)
     params = list(result.trials[0].params) if result.trials else []
-    for p in params:
-        table.add_column(p.rsplit(".", 1)[-1], justify="right")
-    for name, justify in (("status", "left"), ("evals", "right"), ("step", "right"), (result.metric, "right")):
-        table.add_column(name, justify=justify, no_wrap=True)
     students = sorted({k.split("/")[0] for t in result.trials for k in t.last if k.endswith("/val_miou_teacher")})
-    for s in students:
-        table.add_column(f"{s} T", justify="right")  # that student's teacher mIoU
+    table.add_column("trial", no_wrap=True)
+    for p in params:
+        table.add_column(p.rsplit(".", 1)[-1], justify="right", overflow="fold")
+    table.add_column("status")
+    table.add_column("evals", justify="right")
+    table.add_column("step", justify="right")
+    table.add_column(result.metric, justify="right", overflow="fold")
+    for s in students:  # every student's metrics reach Tune: each one's teacher mIoU
+        table.add_column(f"{s} teacher", justify="right", overflow="fold")
 
     def rank(t: TrialSummary) -> float:
         v = t.value(result.metric)
@@ -288,8 +291,7 @@ def trials_table(result: SweepResult) -> Table:
         table.add_row(
             t.trial_id + (" *" if result.best is t else ""), *[_fmt(t.params[p]) for p in params], status,
             f"{t.evaluations}/{result.max_evaluations}", _fmt(t.last.get("step")),
-            "-" if value is None else f"{value:.4f}",
-            *[_fmt(t.last.get(f"{s}/val_miou_teacher"), 3) for s in students])
+            "-" if value is None else f"{value:.4f}", *[_fmt(t.last.get(f"{s}/val_miou_teacher"), 3) for s in students])
     return table
 
 

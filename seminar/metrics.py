@@ -21,9 +21,9 @@ class ConfusionMatrix:
         self.matrix += torch.bincount(t * self.num_classes + p, minlength=self.num_classes**2).view(
             self.num_classes, self.num_classes)
 
-    def all_reduce(self, group=None) -> None:
-        """Sum over the workers that evaluated disjoint shards."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    def all_reduce(self, group) -> None:
+        """Sum over the workers of `group`, which evaluated disjoint shards of one dataset."""
+        if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(self.matrix, group=group)
 
     def iou(self) -> torch.Tensor:

@@ -168,6 +168,7 @@ class SegmentationService:
             "limits": {"max_bytes": self.cfg.max_bytes, "max_pixels": self.cfg.max_pixels,
                        "content_types": ["image/jpeg", "image/png"]},
             "formats": ["png", "json", "overlay"],
+            "overlay_untinted": list(self.untinted),  # classes the overlay leaves unpainted
             "rle_format": RLE_CONVENTION,
         }
 

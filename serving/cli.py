@@ -86,7 +86,7 @@ def serve_command(
         args = ServeArgs(model=model, which=which, registry=registry, serving=cfg)
         serve.run(build_app(args), name=name, route_prefix=route_prefix)
         url = f"http://{host}:{port}{route_prefix.rstrip('/')}/"
-        console.print(f"serving [bold]{resolved.version}[/] at {url}  (POST {url}v1/segment, page at {url})")
+        console.print(f"serving [bold]{resolved.version}[/] at {url}  (POST {url}v1/segment, page at {url})", soft_wrap=True)
         if detach:
             return
         console.print("Ctrl-C to stop")

@@ -7,6 +7,7 @@ cluster (`tests/conftest.py`); the multi-node test adds a node and runs last.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -30,6 +31,13 @@ TINY = [
     # Pseudo-labels on every pixel from step 0, so that loss_ss depends on what peers sent.
     "method.ss_start=0", "method.rampup_steps=0", "method.tau=0",
 ]
+
+
+@pytest.fixture(autouse=True)
+def fast_train_controller(monkeypatch):
+    """Ray Train's controller collects reports every 2 s; a tiny step takes 0.3 s. The
+    driver propagates this to the controllers it starts."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
 
 
 def tiny_spec(storage_path, steps=4, checkpoint_every=2, *extra):
@@ -224,3 +232,56 @@ def test_too_many_resources_fails_fast(ray_session, tmp_path):
         run_training(tiny_spec(tmp_path, 4, 2, "resources.replicas_per_student=8", "optim.batch_size=8"),
                      address=ray_session.address)
     assert time.time() - started < 20
+
+
+# ---------------------------------------------------------------- two nodes (runs last: it adds a node)
+
+
+def _ray_processes() -> dict[int, str]:
+    """pid -> command line of this machine's Ray node processes (raylets, log monitors)."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "/raylet/raylet " in cmd or "log_monitor.py" in cmd:
+                found[int(d.name)] = cmd
+    return found
+
+
+def _remove_node(node_id: str, started: dict[int, str], timeout: float = 30) -> None:
+    """Stop the node this test added: its raylet (which takes its workers and agents with
+    it) and its log monitor, by pid; never the head's processes."""
+    import signal
+
+    for pid, cmd in started.items():
+        if f"--node_id={node_id}" in cmd or "log_monitor.py" in cmd:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_students_on_two_nodes(ray_session, tmp_path):
+    """A second node joins; STRICT_SPREAD puts the two students on different nodes, so their
+    predictions cross nodes through the object store; the run finishes."""
+    before = _ray_processes()
+    ray_session.add_node(num_cpus=2, resources='{"node_b": 2}')
+    added = {pid: cmd for pid, cmd in _ray_processes().items() if pid not in before}
+    node_b = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_b" in n["Resources"])
+    try:
+        summary = run_training(tiny_spec(tmp_path / "runs", 3, 3), address=ray_session.address,
+                               placement_strategy="STRICT_SPREAD")
+        assert summary.step == 3
+        nodes = summary.exchange.node_of_rank
+        assert len(set(nodes.values())) == 2 and node_b in nodes.values()
+        assert (summary.exchange.published, summary.exchange.served, summary.exchange.held) == (6, 6, 0)
+    finally:
+        _remove_node(node_b, added)
+    assert not any(n["NodeID"] == node_b and n["Alive"] for n in ray.nodes())

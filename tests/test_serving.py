@@ -440,7 +440,7 @@ def test_web_page_segments_a_dropped_image(server, chromium, tmp_path):
     assert page.evaluate("document.body.dataset.state") == "done", status
     assert page.evaluate("document.getElementById('overlay').naturalWidth") == 320
     legend = page.evaluate("[...document.querySelectorAll('#legend li')].map(li => li.textContent)")
-    assert legend and set(legend) <= {"background", "disk_1", "square_2", "triangle_3"}
+    assert legend and set(legend) <= {"background (not painted)", "disk_1", "square_2", "triangle_3"}
     assert "shapes/1" in page.evaluate("document.getElementById('model').textContent")
 
     shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])

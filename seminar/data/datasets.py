@@ -395,6 +395,7 @@ class CamVidDataset(SegmentationDataset):
         self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
         self.click_fit = ClickFit()
         self.info = DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE, "simulated")
+        self._clicks: dict[int, np.ndarray] = {}
         if len(self.image_ids) <= MASK_CHECK_LIMIT:
             for image_path, mask_path in zip(self.image_paths, self.mask_paths):
                 self._read_mask(mask_path, image_size(image_path))
@@ -409,8 +410,10 @@ class CamVidDataset(SegmentationDataset):
         image = read_image(self.image_paths[i])
         mask = self._read_mask(self.mask_paths[i], image.shape[:2])
         image_id = self.image_ids[i]
-        clicks = simulate_clicks(mask, len(CAMVID_CLASSES), self.min_area, [self.click_seed, _seed_of(image_id)])
-        return Sample(image_id, image, mask, clicks)
+        if i not in self._clicks:  # simulating costs more than decoding: once per image and process
+            self._clicks[i] = simulate_clicks(mask, len(CAMVID_CLASSES), self.min_area,
+                                              [self.click_seed, _seed_of(image_id)])
+        return Sample(image_id, image, mask, self._clicks[i])
 
 
 # ---------------------------------------------------------------------------------------
