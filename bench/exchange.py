@@ -9,11 +9,17 @@ Runs the same synthetic job four ways, one after the other, and prints them side
   1. K students on K Ray workers, exchange one step ahead (what training does);
   2. the same without the lookahead: each publish is held back until that step is
      collected, so every step waits for a full exchange round trip;
-  3. one student on one Ray worker (no peers, no exchange): the ideal per-student step;
-  4. K students in this one process (`InProcessExchange`), with K torch threads.
+  3. K students on K Ray workers with `method.w_ss=0`: no exchange, but the same number of
+     busy workers competing for the machine's cores as in 1;
+  4. one student on one Ray worker (no peers, no exchange): the ideal per-student step;
+  5. K students in this one process (`InProcessExchange`), with as many torch threads as
+     one worker has (`--inproc-threads` to change; more threads than free cores make
+     torch's thread pool collapse on a busy machine).
 
 Step time is the engine's `s{k}/step_time` (look ahead + collect + train, excluding
-reporting), averaged over the steps after `--warmup`; exchange wait is `s{k}/exchange_wait`.
+reporting): the median over the steps after `--warmup` of all `--rounds` runs, which are
+interleaved so that load from other users of the machine hits every configuration alike.
+Exchange wait is the mean `s{k}/exchange_wait`.
 Targets: wait <= 3% of the step with the lookahead; K on K <= 1.15x one student. The
 students are the same architecture with different seeds by default, so that a slower
 network does not show up as exchange wait (`--model` picks it).
@@ -55,13 +61,13 @@ class StepLog(UserCallback):
             f.write(json.dumps(metrics[0]) + "\n")
 
 
-def spec(args, num_students: int, storage: str) -> TrainConfig:
+def spec(args, num_students: int, storage: str, exchange: bool = True) -> TrainConfig:
     students = [f"students.{k}.model={args.model}" for k in range(2)] + ["students.1.seed=1"]
     cfg = load_spec(None, [
         *students,
         f"data.synthetic.image_size={args.image_size}", f"data.crop_size=[{args.image_size},{args.image_size}]",
         f"data.synthetic.num_train={max(64, 4 * args.batch)}", "data.synthetic.num_val=4",
-        f"optim.batch_size={args.batch}", f"optim.steps={args.steps}", "schedule.log_every=1",
+        *([] if exchange else ["method.w_ss=0"]), f"optim.batch_size={args.batch}", f"optim.steps={args.steps}", "schedule.log_every=1",
         f"schedule.eval_every={args.steps}", f"schedule.checkpoint_every={args.steps}",
         "method.ss_start=0", f"storage.path={storage}", *args.overrides])
     if num_students < cfg.num_students:
@@ -76,14 +82,16 @@ def spec(args, num_students: int, storage: str) -> TrainConfig:
     return cfg
 
 
-def averages(steps: list[dict], num_students: int, warmup: int) -> dict[str, float]:
-    kept = [m for m in steps if m["step"] > warmup] or steps
-    step_time = statistics.mean(m[f"s{k}/step_time"] for m in kept for k in range(num_students))
-    wait = statistics.mean(m.get(f"s{k}/exchange_wait", 0.0) for m in kept for k in range(num_students))
-    return {"step_time": step_time, "wait": wait, "steps": len(kept)}
+def summarize(steps: list[dict], num_students: int, warmup: int, last: int) -> dict[str, float]:
+    """Median step time (robust to other users' load spikes) and mean exchange wait over
+    the steps after warm-up, leaving out the last step (it has nothing to look ahead to)."""
+    kept = [m for m in steps if warmup < m["step"] < last] or steps
+    times = [m[f"s{k}/step_time"] for m in kept for k in range(num_students)]
+    waits = [m.get(f"s{k}/exchange_wait", 0.0) for m in kept for k in range(num_students)]
+    return {"step_time": statistics.median(times), "wait": statistics.mean(waits), "samples": len(times)}
 
 
-def on_ray(cfg: TrainConfig, workdir: Path, name: str, lookahead: bool = True) -> dict:
+def on_ray(cfg: TrainConfig, workdir: Path, name: str, lookahead: bool = True) -> list[dict]:
     log = workdir / f"{name}.jsonl"
     trainer = build_trainer(cfg, f"bench-{name}-{os.getpid()}", callbacks=[StepLog(str(log))],
                             lookahead=lookahead, keep_checkpoints=1)
@@ -106,37 +114,48 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="deeplabv3plus_resnet18")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=4, help="per student")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2, help="runs of each configuration, interleaved")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the averages")
+    p.add_argument("--inproc-threads", type=int, default=None, help="torch threads of the in-process run")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="spec override key=value")
     args = p.parse_args(argv)
     K = args.students
 
     workdir = Path(tempfile.mkdtemp(prefix="seminar-bench-"))
-    cfg_k, cfg_1 = spec(args, K, str(workdir / "runs")), spec(args, 1, str(workdir / "runs"))
-    started_here = connect(args.address, cfg_k)
+    runs = str(workdir / "runs")
+    configs = {  # name -> (spec, students per run, lookahead)
+        "k_on_k": (spec(args, K, runs), K, True),
+        "k_on_k_sync": (spec(args, K, runs), K, False),
+        "k_on_k_alone": (spec(args, K, runs, exchange=False), K, True),
+        "one": (spec(args, 1, runs), 1, True),
+    }
+    load_before = os.getloadavg()[0]
+    t0 = time.time()
+    steps: dict[str, list[dict]] = {name: [] for name in configs}
+    started_here = connect(args.address, configs["k_on_k"][0])
     try:
-        t0 = time.time()
-        results = {
-            "k_on_k": averages(on_ray(cfg_k, workdir, "k-on-k"), K, args.warmup),
-            "k_on_k_sync": averages(on_ray(cfg_k, workdir, "k-on-k-no-lookahead", lookahead=False), K, args.warmup),
-            "one": averages(on_ray(cfg_1, workdir, "one-student"), 1, args.warmup),
-        }
+        for r in range(args.rounds):  # interleaved, so that other users' load hits every configuration
+            for name, (cfg, _, lookahead) in configs.items():
+                steps[name] += on_ray(cfg, workdir, f"{name}-{r}", lookahead)
     finally:
         if started_here:
             ray.shutdown()
-    threads = K * max(1, int(cfg_k.resources.cpus_per_worker))
-    steps = in_process(cfg_k, threads)
-    results["in_process"] = averages(steps, 1, args.warmup)  # one step trains all K students
+    results = {name: summarize(steps[name], n, args.warmup, args.steps) for name, (_, n, _) in configs.items()}
+    threads = args.inproc_threads or max(1, int(configs["k_on_k"][0].resources.cpus_per_worker))
+    # One in-process step trains all K students.
+    results["in_process"] = summarize(in_process(configs["k_on_k"][0], threads), 1, args.warmup, args.steps)
     results["in_process"]["wait"] = 0.0
 
     pixels = args.batch * args.image_size ** 2
     print(f"\nK={K} students ({args.model}), {args.image_size}x{args.image_size}, batch {args.batch} per student, "
-          f"{args.steps} steps (averaged after step {args.warmup}); exchange payload {2 * pixels / 1024:.0f} KiB "
-          f"per student per step; {os.cpu_count()} cores; {time.time() - t0:.0f} s")
+          f"{args.steps} steps x {args.rounds} rounds (median of steps {args.warmup + 1}-{args.steps - 1}); payload {2 * pixels / 1024:.0f} KiB "
+          f"per student per step; {os.cpu_count()} cores, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}; "
+          f"{time.time() - t0:.0f} s")
     rows = [
         (f"{K} students on {K} workers, lookahead", results["k_on_k"]),
         (f"{K} students on {K} workers, no lookahead", results["k_on_k_sync"]),
+        (f"{K} students on {K} workers, no exchange", results["k_on_k_alone"]),
         ("1 student on 1 worker", results["one"]),
         (f"{K} students in 1 process ({threads} threads)", results["in_process"]),
     ]
@@ -150,7 +169,8 @@ def main(argv=None) -> None:
     ratio = results["k_on_k"]["step_time"] / results["one"]["step_time"]
     print(f"\nexchange wait share: {100 * share:.1f}% with lookahead (target <= 3%), "
           f"{100 * share_sync:.1f}% without")
-    print(f"K on K / one student: {ratio:.2f}x (target <= 1.15x); "
+    alone = results["k_on_k"]["step_time"] / results["k_on_k_alone"]["step_time"]
+    print(f"K on K / one student: {ratio:.2f}x (target <= 1.15x); K on K / K on K without exchange: {alone:.2f}x; "
           f"K in one process / one student: {results['in_process']['step_time'] / results['one']['step_time']:.2f}x")
     sys.stdout.flush()
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,6 +131,10 @@ class RayExchange(Exchange):
 
     World rank r trains student r // R, replica r % R; the peers of this worker are the
     workers with the same replica index.
+
+    Two helper threads keep the object store off the training thread (torch releases the
+    GIL while it computes): one puts and publishes this worker's predictions, the other
+    fetches the peers' predictions for the next step while this one trains.
     """
 
     def __init__(self, board, num_students: int, replica: int = 0, num_replicas: int = 1,
@@ -140,25 +146,46 @@ class RayExchange(Exchange):
         self.attempt = attempt
         self.timeout_s = timeout_s
         self._node_id = ray.get_runtime_context().get_node_id()
+        self._publisher = ThreadPoolExecutor(1, thread_name_prefix="exchange-publish")
+        self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="exchange-fetch")
+        self._publishing: list[Future] = []
+        self._fetches: dict[tuple[int, int], Future] = {}  # (step, student) -> its peers' predictions
+        self._closed = threading.Event()
 
     def rank_of(self, student: int) -> int:
         return student * self.num_replicas + self.replica
 
     def publish(self, step: int, student: int, pred: CompactPrediction) -> None:
-        ref = ray.put(pred)
-        # Fire-and-forget: the board call is queued and this returns at once. Calls from one
-        # worker reach the board in submission order.
-        self.board.publish.remote(self.attempt, step, self.rank_of(student), [ref], self._node_id)
+        for done in [f for f in self._publishing if f.done()]:
+            self._publishing.remove(done)
+            done.result()  # raises what went wrong in an earlier publish
+        self._publishing.append(self._publisher.submit(self._publish, step, student, pred))
+
+    def _publish(self, step: int, student: int, pred: CompactPrediction) -> None:
+        # The reference goes to the board wrapped in a list, so that Ray passes it on as a
+        # reference instead of fetching the object into the board. Fire-and-forget.
+        self.board.publish.remote(self.attempt, step, self.rank_of(student), [ray.put(pred)], self._node_id)
 
     def collect(self, step: int, student: int) -> list[CompactPrediction]:
-        peers = [j for j in range(self.num_students) if j != student]
-        if not peers:
+        if self.num_students == 1:
             return []
-        ranks = [self.rank_of(j) for j in peers]
+        # The loop collects steps in order: the previous collect started fetching this one.
+        fetch = self._fetches.pop((step, student), None) or self._fetcher.submit(self._fetch, step, student)
+        predictions = fetch.result()
+        self._fetches[(step + 1, student)] = self._fetcher.submit(self._fetch, step + 1, student)
+        return predictions
+
+    def _fetch(self, step: int, student: int) -> list[CompactPrediction]:
+        ranks = [self.rank_of(j) for j in range(self.num_students) if j != student]
         started = time.monotonic()
-        # The board answers within timeout_s; the extra margin covers a busy event loop.
-        answer = ray.get(self.board.collect.remote(self.attempt, step, ranks, self.timeout_s),
-                         timeout=self.timeout_s + 60)
+        answer_ref = self.board.collect.remote(self.attempt, step, ranks, self.timeout_s)
+        while True:  # the board answers within timeout_s; wake up now and then to see if we closed
+            try:
+                answer = ray.get(answer_ref, timeout=0.25)
+                break
+            except ray.exceptions.GetTimeoutError:
+                if self._closed.is_set():
+                    return []
         if "missing" in answer:
             missing = ", ".join(f"student {r // self.num_replicas} (worker rank {r}, replica {self.replica})"
                                 for r in answer["missing"])
@@ -168,9 +195,16 @@ class RayExchange(Exchange):
         if "superseded" in answer:
             raise RuntimeError(f"exchange: attempt {self.attempt} was superseded by attempt "
                                f"{answer['superseded']} (the worker group restarted)")
-        preds = ray.get([wrapped[0] for wrapped in answer["refs"]])
+        predictions = ray.get([wrapped[0] for wrapped in answer["refs"]])
         # Copies: objects from the store are read-only views; the loop may write to them.
-        return [CompactPrediction(np.array(p.label), np.array(p.confidence)) for p in preds]
+        return [CompactPrediction(np.array(p.label), np.array(p.confidence)) for p in predictions]
+
+    def close(self) -> None:
+        """Finish publishing (peers may still need this worker's last predictions) and drop
+        the fetch of a step that will never come."""
+        self._publisher.shutdown(wait=True)
+        self._closed.set()
+        self._fetcher.shutdown(wait=True, cancel_futures=True)
 
 
 class PublishOnCollect(Exchange):

@@ -117,17 +117,14 @@ def evaluate(
 
 
 def _register_extensions() -> None:
+    import jobs.cli
+    import serving.cli
+
     from .data.cli import data_app
 
     app.add_typer(data_app, name="data", help="Inspect click files and datasets.")
-    for module in ("jobs.cli", "serving.cli"):
-        try:
-            extension = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name not in (module, module.split(".")[0]):
-                raise
-            continue
-        extension.register(app)
+    jobs.cli.register(app)
+    serving.cli.register(app)
 
 
 _register_extensions()

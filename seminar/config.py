@@ -228,7 +228,8 @@ class ServingConfig(Strict):
     max_bytes: int = Field(10 * 2**20, ge=1024, description="largest accepted image file (413 above)")
     max_pixels: int = Field(16 * 2**20, ge=1024, description="largest accepted image, width x height (413 above)")
     max_batch_size: int = Field(8, ge=1, description="most images in one batched forward")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill "
+                                                                "(only while other requests are in the replica)")
     batch_pixel_budget: int = Field(4 * 2**20, ge=1024,
                                     description="most pixels in one batched forward (after resize and padding)")
     infer_size: int = Field(512, ge=32, description="long side images are resized to for the forward")

@@ -92,7 +92,7 @@ class SegmentationService:
         self.untinted = tuple(i for i, name in enumerate(self.segmenter.classes) if name.lower() == "background")
         self.budget = PixelBudget(cfg.max_batch_size, cfg.batch_pixel_budget)
         self.infer.set_max_batch_size(cfg.max_batch_size)
-        self.infer.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.in_flight = 0  # segment requests in this replica, from body read to answer
         self.metrics = ServingMetrics(self.version, self.segmenter.which)
         # Warm-up: the first forward allocates and picks kernels; pay for it before /readyz says yes.
         warm = torch.zeros(3, cfg.infer_size, cfg.infer_size * 3 // 4)
@@ -141,10 +141,28 @@ class SegmentationService:
         return Response(body, media_type="image/png", headers=headers)
 
     async def segment(self, data: bytes, fmt: OutputFormat, alpha: float | None) -> Response:
+        self.in_flight += 1
+        try:
+            return await self._segment(data, fmt, alpha)
+        finally:
+            self.in_flight -= 1
+
+    async def _segment(self, data: bytes, fmt: OutputFormat, alpha: float | None) -> Response:
+        start = time.perf_counter()
         image, tensor = await asyncio.to_thread(self._prepare, data)
+        decoded = time.perf_counter()
+        # Wait for a batch to fill only while other requests are in this replica: a lone
+        # request goes straight to the forward instead of waiting out the timeout for nobody.
+        self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s if self.in_flight > 1 else 0.0)
         probs = await self.infer(QueuedImage(tensor, self.budget))
+        inferred = time.perf_counter()
         alpha = self.cfg.overlay_alpha if alpha is None else alpha
-        return await asyncio.to_thread(self._answer, image, probs, fmt, alpha)
+        response = await asyncio.to_thread(self._answer, image, probs, fmt, alpha)
+        # Where the time went, for clients and browser dev tools (W3C Server-Timing).
+        response.headers["Server-Timing"] = (
+            f"decode;dur={1000 * (decoded - start):.1f}, infer;dur={1000 * (inferred - decoded):.1f};desc=\"batch wait + "
+            f"forward\", encode;dur={1000 * (time.perf_counter() - inferred):.1f}")
+        return response
 
     def describe(self) -> dict:
         meta = self.segmenter.metadata
@@ -221,10 +239,39 @@ async def _file_field(request: Request, body: bytes) -> bytes:
     return data
 
 
-def _route_of(request: Request) -> str:
+class VersionHeaderAndMetrics:
+    """ASGI middleware: `X-Model-Version` on every answer, and the request metrics.
+
+    Plain ASGI rather than `@app.middleware("http")`: it sits on every request's path and
+    Starlette's BaseHTTPMiddleware costs an extra task and stream per request.
+    """
+
+    def __init__(self, app, service: "SegmentationService"):
+        self.app, self.service = app, service
+        self.version_header = (b"x-model-version", service.version.encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500  # unless a response starts: an exception escaped the app
+
+        async def send_with_version(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), self.version_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_version)
+        finally:
+            self.service.metrics.request(route_of(scope), status, time.perf_counter() - start)
+
+
+def route_of(scope) -> str:
     """The route for metric labels: a known path or 'other' (keeps the label set small)."""
-    path = request.scope["path"]
-    root = request.scope.get("root_path", "")
+    path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root):] or "/"
     return path if path in ROUTES else "other"
@@ -233,13 +280,7 @@ def _route_of(request: Request) -> str:
 def build_http_app(service: SegmentationService) -> FastAPI:
     app = FastAPI(title="Seminar segmentation", version=service.version)
 
-    @app.middleware("http")
-    async def version_header_and_metrics(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Model-Version"] = service.version
-        service.metrics.request(_route_of(request), response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(VersionHeaderAndMetrics, service=service)
 
     @app.exception_handler(InputError)
     async def refused(request: Request, error: InputError) -> JSONResponse:

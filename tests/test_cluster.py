@@ -105,6 +105,8 @@ def test_exchange_routes_by_replica_and_drops_after_reads(ray_session):
     new[0].publish(7, 0, _pred(4))
     with pytest.raises(ExchangeTimeout, match=r"student 1 \(worker rank 2, replica 0\)"):
         new[2].collect(7, 2)
+    for e in [*ex.values(), *new.values()]:
+        e.close()
 
 
 # ---------------------------------------------------------------- training on the cluster
