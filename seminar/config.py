@@ -243,6 +243,9 @@ class ServingConfig(Strict):
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 503 when overloaded")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica (None = all cores)")
     num_cpus: float = Field(1, ge=0, description="logical CPUs a replica reserves")
+    omp_wait_policy: Literal["passive", "active"] | None = Field(
+        "passive", description="OMP_WAIT_POLICY of replicas: passive stops idle intra-op threads from spinning "
+                               "on cores the replica's decoding and encoding need (None = OpenMP's default)")
     device: Literal["cpu", "cuda"] = "cpu"
     overlay_alpha: float = Field(0.5, ge=0, le=1, description="default opacity of the mask in overlays")
 

@@ -25,6 +25,8 @@ import asyncio
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +79,15 @@ class ServeArgs(BaseModel):
     serving: ServingConfig = Field(default_factory=ServingConfig)
 
 
+@dataclass
+class Inferred:
+    """One image's share of a batched forward."""
+
+    probs: torch.Tensor  # [C, h, w] at inference size
+    batch_size: int  # images in the forward it was part of
+    forward_s: float  # that forward's duration
+
+
 class SegmentationService:
     """What one replica holds: the model, the batch queue, the metrics."""
 
@@ -93,10 +104,15 @@ class SegmentationService:
         self.budget = PixelBudget(cfg.max_batch_size, cfg.batch_pixel_budget)
         self.infer.set_max_batch_size(cfg.max_batch_size)
         self.in_flight = 0  # segment requests in this replica, from body read to answer
+        self.forward_idle = asyncio.Event()  # set while no batched forward runs
+        self.forward_idle.set()
         self.metrics = ServingMetrics(self.version, self.segmenter.which)
+        # Every forward runs on this one thread (off the event loop): torch then keeps a single
+        # warm team of intra-op threads instead of one per thread of a pool.
+        self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         # Warm-up: the first forward allocates and picks kernels; pay for it before /readyz says yes.
         warm = torch.zeros(3, cfg.infer_size, cfg.infer_size * 3 // 4)
-        predict_batch(self.segmenter.predict_probs, [warm])
+        self.forward_thread.submit(predict_batch, self.segmenter.predict_probs, [warm]).result()
         self.ready = True
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -111,13 +127,20 @@ class SegmentationService:
 
     # The limits here are placeholders: __init__ sets the configured ones.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=batch_cost)
-    async def infer(self, images: list[QueuedImage]) -> list[torch.Tensor]:
-        return await asyncio.to_thread(self._forward, images)
+    async def infer(self, images: list[QueuedImage]) -> list[Inferred]:
+        self.forward_idle.clear()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.forward_thread, self._forward, images)
+        finally:
+            self.forward_idle.set()
 
-    def _forward(self, images: list[QueuedImage]) -> list[torch.Tensor]:
+    def _forward(self, images: list[QueuedImage]) -> list[Inferred]:
         height, width = max(i.height for i in images), max(i.width for i in images)
         self.metrics.batch(len(images), len(images) * height * width)
-        return predict_batch(self.segmenter.predict_probs, [i.tensor for i in images])
+        start = time.perf_counter()
+        probs = predict_batch(self.segmenter.predict_probs, [i.tensor for i in images])
+        forward_s = time.perf_counter() - start
+        return [Inferred(p, len(images), forward_s) for p in probs]
 
     # ---- one request -----------------------------------------------------------------
 
@@ -151,17 +174,26 @@ class SegmentationService:
         start = time.perf_counter()
         image, tensor = await asyncio.to_thread(self._prepare, data)
         decoded = time.perf_counter()
+        # Serve's batcher closes a batch after the timeout even while the previous forward is
+        # still running, so under load it would queue many small batches. Holding images
+        # back until the forward is done lets everything that arrived meanwhile form one batch.
+        await self.forward_idle.wait()
         # Wait for a batch to fill only while other requests are in this replica: a lone
         # request goes straight to the forward instead of waiting out the timeout for nobody.
         self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s if self.in_flight > 1 else 0.0)
-        probs = await self.infer(QueuedImage(tensor, self.budget))
-        inferred = time.perf_counter()
+        inferred = await self.infer(QueuedImage(tensor, self.budget))
+        answered = time.perf_counter()
         alpha = self.cfg.overlay_alpha if alpha is None else alpha
-        response = await asyncio.to_thread(self._answer, image, probs, fmt, alpha)
+        response = await asyncio.to_thread(self._answer, image, inferred.probs, fmt, alpha)
         # Where the time went, for clients and browser dev tools (W3C Server-Timing).
-        response.headers["Server-Timing"] = (
-            f"decode;dur={1000 * (decoded - start):.1f}, infer;dur={1000 * (inferred - decoded):.1f};desc=\"batch wait + "
-            f"forward\", encode;dur={1000 * (time.perf_counter() - inferred):.1f}")
+        queued_s = answered - decoded - inferred.forward_s
+        response.headers["Server-Timing"] = ", ".join([
+            f"decode;dur={1000 * (decoded - start):.1f}",
+            f"queue;dur={1000 * queued_s:.1f};desc=\"waiting for a batch\"",
+            f"forward;dur={1000 * inferred.forward_s:.1f};desc=\"batch of {inferred.batch_size}\"",
+            f"encode;dur={1000 * (time.perf_counter() - answered):.1f}",
+        ])
+        response.headers["X-Batch-Size"] = str(inferred.batch_size)
         return response
 
     def describe(self) -> dict:
@@ -331,6 +363,8 @@ def deployment_options(cfg: ServingConfig) -> dict:
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.device == "cuda" else 0},
     }
+    if cfg.omp_wait_policy:  # read when OpenMP starts: it must be in the replica's environment
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": cfg.omp_wait_policy.upper()}}
     if cfg.num_replicas is not None:
         options["num_replicas"] = cfg.num_replicas
     else:

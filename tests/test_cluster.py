@@ -1,7 +1,7 @@
 """The Ray cluster layer: seminar learning with one student per Ray Train worker.
 
 Tiny synthetic jobs (32×32 images, batch 2, a handful of steps) on the session's Ray
-cluster (`tests/conftest.py`); the multi-node test adds a node and runs last.
+cluster (`tests/conftest.py`); the multi-node test adds a node and removes it again.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ TINY = [
     "data.synthetic.num_val=4", "optim.batch_size=2", "schedule.log_every=1", "resources.loader_workers=0",
     # Pseudo-labels on every pixel from step 0, so that loss_ss depends on what peers sent.
     "method.ss_start=0", "method.rampup_steps=0", "method.tau=0",
+    # Two small students (3.5 M parameters each; seeds and augmentation differ): a
+    # checkpoint is ~60 MB instead of ~300 MB.
+    "students.0.model=deeplabv3plus_mobilenetv2", "students.0.decoder_channels=32",
+    "students.1.decoder_channels=32",
 ]
 
 
@@ -62,10 +66,6 @@ class RecordReports(UserCallback):
 
 def read_reports(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def board_stats(trainer):
-    return ray.get(trainer.train_loop_config["board"].stats.remote())
 
 
 # ---------------------------------------------------------------- the exchange, in isolation
@@ -157,25 +157,35 @@ class MetricsScraper(threading.Thread):
 
 @pytest.mark.slow
 def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
-    """Checkpoints go to S3; the same run name resumes from them; Segmenter loads them."""
+    """Checkpoints go to S3 (every worker's part merged into one directory); the same run
+    name resumes from them; Segmenter loads them."""
     from seminar.predict import Segmenter
 
     storage = f"s3://{s3_bucket}/runs"
-    first = run_training(tiny_spec(storage, 2, 1, "storage.run_name=on-s3"), address=ray_session.address)
+    first = run_training(tiny_spec(storage, 2, 2, "storage.run_name=on-s3"), address=ray_session.address)
     assert first.checkpoint.startswith(f"s3://{s3_bucket}/runs/on-s3/checkpoint_") and first.step == 2
 
-    # Started again under the same name, with two more steps: it resumes at step 2.
+    # Started again under the same name with one more step: it resumes at step 2.
     log = tmp_path / "reports.jsonl"
-    second = run_training(tiny_spec(storage, 4, 2, "storage.run_name=on-s3"), address=ray_session.address,
+    second = run_training(tiny_spec(storage, 3, 3, "storage.run_name=on-s3"), address=ray_session.address,
                           callbacks=[RecordReports(log)])
     reports = read_reports(log)
-    assert [r["step"] for r in reports] == [3, 4]
-    assert reports[0]["run/resumed_from_step"] == 2 and second.step == 4
+    assert [r["step"] for r in reports] == [3]
+    assert reports[0]["run/resumed_from_step"] == 2 and second.step == 3
+
+    # Started again once finished: nothing to train, the same final checkpoint.
+    third = run_training(tiny_spec(storage, 3, 3, "storage.run_name=on-s3"), address=ray_session.address)
+    assert (third.step, third.checkpoint) == (3, second.checkpoint)
 
     segmenter = Segmenter.load(second.checkpoint)
     labels, confidence = segmenter.segment(np.zeros((32, 32, 3), np.uint8))
     assert labels.shape == confidence.shape == (32, 32)
-    assert segmenter.metadata["step"] == 4 if "step" in segmenter.metadata else True
+    assert segmenter.meta["step"] == 3
+
+
+def exported(scraper: MetricsScraper, k: int) -> bool:
+    return (scraper.has("ray_seminar_train_loss", student=k, term="ss")
+            and scraper.has("ray_seminar_train_exchange_wait_seconds_bucket", student=k))
 
 
 @pytest.mark.slow
@@ -190,7 +200,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
         summary = run_training(cfg, address=ray_session.address, callbacks=[RecordReports(log)],
                                fault=FaultInjection(rank=1, step=3, marker=str(marker)))
         deadline = time.time() + 20  # the metrics agent exports every few seconds
-        while time.time() < deadline and not all(scraper.has("ray_seminar_train_loss", student=k) for k in "01"):
+        while time.time() < deadline and not all(exported(scraper, k) for k in range(2)):
             time.sleep(1)
     finally:
         scraper.stopped.set()
@@ -203,8 +213,31 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     assert reports[-1]["run/resumed_from_step"] == 2
     for k in range(2):  # rank 0 forwards every student's metrics
         assert {f"s{k}/loss", f"s{k}/exchange_wait", f"s{k}/images_per_s", f"s{k}/val_miou_teacher"} <= set(summary.metrics)
-        assert scraper.has("ray_seminar_train_loss", student=k, term="ss")
+        assert exported(scraper, k)
     assert summary.exchange.held == 0  # every prediction read by its peer and dropped
+
+
+@pytest.mark.slow
+def test_two_replicas_per_student(ray_session, tmp_path):
+    """K=2 students x R=2 replicas: 4 workers, gradients all-reduced within each student's
+    pair; replica i of each student exchanges with replica i of the other."""
+    log = tmp_path / "reports.jsonl"
+    summary = run_training(tiny_spec(tmp_path / "runs", 2, 2, "resources.replicas_per_student=2", "optim.batch_size=4"),
+                           address=ray_session.address, callbacks=[RecordReports(log)])
+    assert [r["step"] for r in read_reports(log)] == [1, 2] and summary.step == 2
+    # 4 workers x 2 steps published, each read by its one peer; nothing left behind.
+    assert (summary.exchange.published, summary.exchange.served, summary.exchange.held) == (8, 8, 0)
+    assert len(summary.exchange.node_of_rank) == 4
+    assert {p.name for p in Path(summary.checkpoint).iterdir()} >= {"meta.json", "student_0", "student_1"}
+
+
+@pytest.mark.slow
+def test_local_mode_runs_all_students_in_this_process(ray_session, tmp_path):
+    """ScalingConfig(num_workers=0): Ray Train's local mode runs the same train function
+    here, hosting every student (a fast way to test it; Ray persists nothing then)."""
+    result = build_trainer(tiny_spec(tmp_path / "runs", 2, 2), "local-mode", num_workers=0).fit()
+    assert result.metrics["step"] == 2
+    assert {"s0/loss_ss", "s1/loss_ss", "s0/val_miou_teacher", "s1/val_miou_teacher"} <= set(result.metrics)
 
 
 # ---------------------------------------------------------------- fast, clear errors
