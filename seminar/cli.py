@@ -36,6 +36,8 @@ def train(
     in_process: bool = typer.Option(False, "--in-process", help="all students in this process, without Ray"),
 ) -> None:
     """Train the students, evaluate them, save a checkpoint."""
+    from cluster.preflight import PreflightError
+
     from .data import ClickFileError, DatasetError
     from .runs import run_in_process, summary_table
 
@@ -47,7 +49,7 @@ def train(
             from cluster.trainer import run_training
 
             result = run_training(cfg, address=address, console=console)
-    except (ClickFileError, DatasetError, SpecError, FileNotFoundError) as e:
+    except (ClickFileError, DatasetError, SpecError, FileNotFoundError, PreflightError) as e:
         fail(str(e))
     meta_classes = _classes_of(result.checkpoint)
     console.print(summary_table(result.metrics, meta_classes, cfg.num_students))
