@@ -1,8 +1,8 @@
 """What serving costs: the HTTP endpoint against the bare model, side by side in one run.
 
-    flock /tmp/seminar-ray.lock .venv/bin/python bench/serve.py
-    flock /tmp/seminar-ray.lock .venv/bin/python bench/serve.py --model deeplabv3plus_resnet18 \\
-        --infer-size 256 --image 320x240 --threads 2 --requests 40
+    flock /tmp/seminar-ray.lock .venv/bin/python bench/serve.py            # served defaults, ~4 min on 2 cores
+    flock /tmp/seminar-ray.lock .venv/bin/python bench/serve.py --infer-size 256 --image 320x240 \\
+        --rounds 4                                                         # small images: overhead-bound
 
 It starts its own local Ray (so it runs under the Ray lock on shared machines), serves an
 untrained checkpoint of `--model` written by the training code's checkpoint writer, and
@@ -16,9 +16,23 @@ measures, on the same machine and the same torch thread count:
                          batched forward (batch --batch at the same size, no HTTP);
                          target: served >= 0.85 x offline
 
-Both sides run interleaved in blocks (a few forwards, a few requests, ...), so that load
-from other processes on a shared machine hits both alike. The HTTP clients run in this
-process: on a small machine they take CPU from the replica, which the ratios include.
+It also prints where a served request's time went, from the answers' Server-Timing header
+(decode, queue, forward, encode inside the replica; the rest is HTTP and Serve's routing),
+and the mean batch an answer was part of (X-Batch-Size). They tell serving overhead apart
+from a forward that runs slower inside the replica than in a process of its own.
+
+The latency figures alternate one forward and one request, and the throughput runs
+alternate with offline forwards, so that load from other processes hits both sides alike.
+The HTTP clients run in this process: on a small machine they take CPU from the replica,
+which the ratios include. With as many torch threads as cores, any other busy thread on
+the machine stalls the forward's thread team, so on a small machine the figures are noisy:
+run it twice, and with `--threads 1` too.
+
+Measured on the 2-core development machine (quiet, load average ~1-2), defaults:
+2 threads: p50 438.5 ms served vs 394.8 ms raw (1.11x; decode 10.2, queue 1.2, forward
+399.0, encode 8.3, HTTP and routing 16.3 ms), throughput 0.87x (8 clients) and 0.94x (32);
+1 thread: 669.8 vs 598.9 ms (1.12x), throughput 0.96x and 0.84x. Run to run, the ratios
+move by about +-0.1 on this machine.
 """
 
 from __future__ import annotations
@@ -48,13 +62,13 @@ THROUGHPUT_TARGET = 0.85
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="deeplabv3plus_resnet18")
-    parser.add_argument("--infer-size", type=int, default=256, help="long side the endpoint resizes to")
-    parser.add_argument("--image", default="320x240", help="uploaded image size, WIDTHxHEIGHT")
+    parser.add_argument("--infer-size", type=int, default=512, help="long side the endpoint resizes to")
+    parser.add_argument("--image", default="640x480", help="uploaded image size, WIDTHxHEIGHT")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--batch", type=int, default=8, help="max batch size (served and offline)")
     parser.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s of the endpoint")
     parser.add_argument("--requests", type=int, default=40, help="sequential requests for the latency figures")
-    parser.add_argument("--rounds", type=int, default=4, help="requests per client in the throughput runs")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client in the throughput runs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args()
 
@@ -92,13 +106,13 @@ class RawModel:
     def __init__(self, checkpoint: Path, jpeg: bytes, args):
         import torch
 
-        from seminar.data.transforms import normalize
         from seminar.predict import Segmenter
-        from serving.imaging import decode_image, resize_long_side
+        from serving.batching import model_input
+        from serving.imaging import decode_image
 
         torch.set_num_threads(args.threads)
         self.model = Segmenter.load(str(checkpoint)).models[0]
-        self.x = normalize(resize_long_side(decode_image(jpeg, 2**30), args.infer_size)).unsqueeze(0)
+        self.x = model_input(decode_image(jpeg, 2**30), args.infer_size).unsqueeze(0)
         self.batch = self.x.expand(args.batch, -1, -1, -1).contiguous()
         for _ in range(2):
             self.forward_one()
@@ -135,6 +149,7 @@ class Endpoint:
         self.local = threading.local()
         self.batch_sizes: list[int] = []  # of every answered request, from X-Batch-Size
         self.forward_s: list[float] = []  # the forward each answer was part of, from Server-Timing
+        self.parts: list[dict[str, float]] = []  # Server-Timing parts, and the rest ("http")
 
     def post(self) -> float:
         import requests
@@ -143,12 +158,15 @@ class Endpoint:
         self.local.session = session
         start = time.perf_counter()
         answer = session.post(self.url, data=self.jpeg, headers={"Content-Type": "image/jpeg"}, timeout=300)
+        elapsed = time.perf_counter() - start
         answer.raise_for_status()
         self.batch_sizes.append(int(answer.headers["X-Batch-Size"]))
-        timing = dict(part.split(";dur=") for part in
-                      (p.split(";desc")[0].strip() for p in answer.headers["Server-Timing"].split(",")))
-        self.forward_s.append(float(timing["forward"]) / 1000)
-        return time.perf_counter() - start
+        # "decode;dur=2.1, queue;dur=0.3;desc=..., forward;dur=...": the replica's own account
+        timing = {name: float(dur) / 1000 for name, dur in (
+            part.split(";desc")[0].strip().split(";dur=") for part in answer.headers["Server-Timing"].split(","))}
+        self.forward_s.append(timing["forward"])
+        self.parts.append({**timing, "http": elapsed - sum(timing.values())})
+        return elapsed
 
     def images_per_s(self, clients: int, per_client: int) -> float:
         with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -161,10 +179,11 @@ class Endpoint:
 def measure(raw: RawModel, endpoint: Endpoint, args) -> dict:
     """Interleaved, so that load from other processes on a shared machine hits both sides alike."""
     raw_single, served_single = [], []
-    blocks = 5
-    for _ in range(blocks):
-        raw_single += [raw.forward_one() for _ in range(args.requests // blocks)]
-        served_single += [endpoint.post() for _ in range(args.requests // blocks)]
+    endpoint.parts.clear()
+    for _ in range(args.requests):  # alternating, so that a burst of outside load hits both sides
+        raw_single.append(raw.forward_one())
+        served_single.append(endpoint.post())
+    parts = {name: 1000 * statistics.median(p[name] for p in endpoint.parts) for name in endpoint.parts[0]}
     offline_rates, served_rates, batch_sizes, forward_rates = [], {8: [], 32: []}, {8: [], 32: []}, {8: [], 32: []}
     for _ in range(2):
         for clients in (8, 32):
@@ -180,6 +199,9 @@ def measure(raw: RawModel, endpoint: Endpoint, args) -> dict:
         "input": list(raw.x.shape),
         "raw_p50_ms": 1000 * percentile(raw_single, 50), "raw_p99_ms": 1000 * percentile(raw_single, 99),
         "served_p50_ms": 1000 * percentile(served_single, 50), "served_p99_ms": 1000 * percentile(served_single, 99),
+        # where a served request's time went (medians, ms): the replica's Server-Timing parts
+        # (decode, queue, forward, encode) and the rest, HTTP and Serve's routing ("http")
+        "served_parts_ms": parts,
         "offline_images_per_s": statistics.median(offline_rates),
         **{f"served_images_per_s_{c}": statistics.median(rates) for c, rates in served_rates.items()},
         # mean batch an answered request was part of
@@ -229,6 +251,7 @@ def main() -> None:
     print(f"{'latency, batch 1':<34}{'p50 ms':>10}{'p99 ms':>10}")
     print(f"{'  model(x), one process':<34}{figures['raw_p50_ms']:>10.1f}{figures['raw_p99_ms']:>10.1f}")
     print(f"{'  POST /v1/segment (PNG answer)':<34}{figures['served_p50_ms']:>10.1f}{figures['served_p99_ms']:>10.1f}")
+    print("    of which (medians, ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in figures["served_parts_ms"].items()))
     print(f"  p50 ratio {latency_ratio:.2f} (target <= {LATENCY_TARGET}: "
           f"{'met' if latency_ratio <= LATENCY_TARGET else 'MISSED'})")
     print(f"{'throughput':<34}{'images/s':>10}{'ratio':>10}")

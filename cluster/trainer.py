@@ -249,12 +249,6 @@ class RunSummary:
     miou: dict[str, float] = field(default_factory=dict)  # "s{k}/student", "s{k}/teacher", "served"
     exchange: BoardStats | None = None  # what went through the exchange board
 
-    def format(self) -> str:
-        lines = [f"run {self.run_name}: step {self.step}", f"checkpoint: {self.checkpoint}"]
-        for key, value in self.miou.items():
-            lines.append(f"  mIoU {key:<12} {value:.4f}")
-        return "\n".join(lines)
-
 
 def summarize(result, cfg: TrainConfig, run_name: str, exchange: BoardStats | None = None) -> RunSummary:
     if result.checkpoint is None:
@@ -295,8 +289,8 @@ def connect(address: str | None, cfg: TrainConfig) -> bool:
 
 
 def run_training(cfg: TrainConfig, address: str | None = None, console=None, **trainer_options) -> RunSummary:
-    """Train a spec on a Ray cluster (`address`) or an embedded local Ray; print and return
-    the summary. A spec with `storage.run_name` of an existing run resumes it.
+    """Train a spec on a Ray cluster (`address`) or an embedded local Ray; return the
+    summary (the caller prints it: `seminar train` as a table). A spec with `storage.run_name` of an existing run resumes it.
 
     `trainer_options` go to `build_trainer` (callbacks, placement_strategy, ...). Raises a
     `PreflightError` within seconds when the address, the storage or the resources are bad.
@@ -313,9 +307,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, console=None, **t
         say(f"run {run_name}: {cfg.num_students} students x {cfg.resources.replicas_per_student} replicas on Ray")
         result = trainer.fit()
         board = trainer.train_loop_config["board"]
-        summary = summarize(result, cfg, run_name, ray.get(board.stats.remote()))
-        say(summary.format())
-        return summary
+        return summarize(result, cfg, run_name, ray.get(board.stats.remote()))
     finally:
         if started_here:
             ray.shutdown()

@@ -55,6 +55,7 @@ def write_meta(directory: str | Path, cfg: TrainConfig, info: DatasetInfo, step:
 
 
 def read_student(directory: str | Path, k: int) -> dict:
+    """Everything of student k that a resumed run needs."""
     d = Path(directory) / f"student_{k}"
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint {directory} has no student_{k}/")
@@ -63,20 +64,49 @@ def read_student(directory: str | Path, k: int) -> dict:
             "step": json.loads((d / "state.json").read_text())["step"]}
 
 
-def local_copy(uri: str) -> Path:
-    """A local directory holding the checkpoint at `uri` (downloaded once if it is on S3)."""
+def weights_file(k: int, network: str) -> str:
+    """Where student k's "student" or "teacher" weights live inside a checkpoint."""
+    return f"student_{k}/{network}.pt"
+
+
+def read_weights(directory: str | Path, k: int, network: str) -> dict:
+    """One network's state dict (what inference needs: no optimizer state)."""
+    path = Path(directory) / weights_file(k, network)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {directory} has no {weights_file(k, network)}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def local_copy(uri: str, files: list[str] | None = None) -> Path:
+    """A local directory holding the checkpoint at `uri`: for S3, downloaded once into a
+    cache, either whole (for resuming) or only `files` (paths inside it; for inference,
+    which needs neither the optimizer state nor the other students)."""
     if not storage.is_s3(uri):
         path = Path(uri)
         if not (path / META).is_file():
             raise FileNotFoundError(f"{uri} is not a checkpoint (no {META})")
         return path
-    cache = Path(tempfile.gettempdir()) / "seminar-checkpoints" / uri[len("s3://"):].replace("/", "__")
-    if not (cache / META).is_file():
-        storage.download_dir(uri, cache)
-        if not (cache / META).is_file():
-            raise FileNotFoundError(f"{uri} is not a checkpoint (no {META})")
+    cache = Path(tempfile.gettempdir()) / "seminar-checkpoints" / uri.rstrip("/")[len("s3://"):].replace("/", "__")
+    if files is None:
+        complete = cache / ".complete"
+        if not complete.is_file():
+            storage.download_dir(uri, cache)
+            if not (cache / META).is_file():
+                raise FileNotFoundError(f"{uri} is not a checkpoint (no {META})")
+            complete.touch()
+        return cache
+    for name in [META, *files]:
+        if not (cache / name).is_file():
+            source = f"{uri.rstrip('/')}/{name}"
+            try:
+                storage.download_file(source, cache / name)
+            except OSError:
+                if storage.exists(source):
+                    raise  # there, but unreadable: say what the store said
+                raise FileNotFoundError(f"{uri} is not a checkpoint (no {META})" if name == META
+                                        else f"checkpoint {uri} has no {name}") from None
     return cache
 
 
 def read_meta(uri: str) -> dict:
-    return json.loads((local_copy(uri) / META).read_text())
+    return json.loads((local_copy(uri, []) / META).read_text())

@@ -34,19 +34,20 @@ class Segmenter:
 
     @classmethod
     def load(cls, uri: str, which: str | None = None, device: str | torch.device = "cpu") -> "Segmenter":
-        directory = checkpoint.local_copy(uri)
-        meta = checkpoint.read_meta(str(directory))
+        meta = checkpoint.read_meta(uri)
         cfg = TrainConfig.model_validate(meta["spec"])
         which = which or cfg.method.inference
         if which not in WHICH:
             raise ValueError(f"which must be one of {WHICH}, got {which!r}")
         ks = range(cfg.num_students) if which == "teacher_ensemble" else [0]
+        network = "student" if which == "primary_student" else "teacher"
+        # Only the weights that answer (from S3, the optimizer state and the other students stay there).
+        directory = checkpoint.local_copy(uri, [checkpoint.weights_file(k, network) for k in ks])
         models = []
         for k in ks:
             spec = cfg.students[k]
             net = build_model(spec.model, len(meta["classes"]), spec.output_stride, decoder_channels=spec.decoder_channels)
-            state = checkpoint.read_student(directory, k)
-            net.load_state_dict(state["student" if which == "primary_student" else "teacher"])
+            net.load_state_dict(checkpoint.read_weights(directory, k, network))
             models.append(net)
         return cls(models, meta, which, device)
 

@@ -56,6 +56,16 @@ def download_dir(uri: str, local: str | Path) -> Path:
     return Path(local)
 
 
+def download_file(uri: str, local: str | Path) -> Path:
+    """Copy one file; it appears at `local` complete or not at all."""
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
+    partial.write_bytes(read_bytes(uri))
+    partial.replace(local)
+    return local
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:

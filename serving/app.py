@@ -7,15 +7,21 @@ A replica loads the checkpoint, runs one warm-up forward, and then answers
     GET  /healthz   GET /readyz                alive / weights loaded and warm-up done
     GET  /                                     a page to try it in a browser
 
-Every answer carries `X-Model-Version`. Refused inputs get 4xx with a JSON body
-`{"error": <code>, "detail": <reason>}` (see `serving.imaging`); an overloaded
-deployment answers 503 with `Retry-After` (Serve's `max_queued_requests` with a
-`BackpressureConfig`), instead of queueing without bound.
+Every answer carries `X-Model-Version`; segmentations also `X-Classes-Present` (class ids),
+`X-Batch-Size` (images in the forward it shared) and `Server-Timing` (decode, queue,
+forward, encode). Refused inputs get 4xx with a JSON body `{"error": <code>, "detail":
+<reason>}` (see `serving.imaging`); an overloaded deployment answers 503 with
+`Retry-After` (Serve's `max_queued_requests` with a `BackpressureConfig`) instead of
+queueing without bound.
 
 Why a single deployment: on a few CPU cores, a separate ingress deployment would cost a
 second hop per request and a process competing with the model for the same cores.
-Decoding and encoding run in threads, so the replica's event loop keeps accepting and
-batching requests while a forward runs (torch releases the GIL).
+Decoding and encoding run in threads and every forward on one dedicated thread, so the
+replica's event loop keeps accepting requests while a forward runs (torch releases the GIL).
+
+Batching (`@serve.batch`, priced by pixels in `serving.batching`): images wait while a
+forward runs and then go together; a lone request does not wait for company
+(`batch_wait_timeout_s` applies only while other requests are in the replica).
 
 `build_app` is the application builder behind both `seminar serve` and
 `serving/serve_config.yaml`.
@@ -42,9 +48,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from seminar.config import ServingConfig
-from seminar.data.transforms import normalize
 from seminar.predict import Segmenter
-from serving.batching import PixelBudget, QueuedImage, batch_cost, predict_batch, restore_size
+from serving.batching import PixelBudget, QueuedImage, batch_cost, model_input, predict_batch, restore_size
 from serving.imaging import (
     RLE_CONVENTION,
     InputError,
@@ -54,7 +59,6 @@ from serving.imaging import (
     label_png,
     mime_type,
     overlay_png,
-    resize_long_side,
     segmentation_json,
 )
 from serving.metrics import ServingMetrics
@@ -147,7 +151,7 @@ class SegmentationService:
     def _prepare(self, data: bytes) -> tuple[np.ndarray, torch.Tensor]:
         image = decode_image(data, self.cfg.max_pixels)
         self.metrics.image(image.shape[1], image.shape[0])
-        return image, normalize(resize_long_side(image, self.cfg.infer_size))
+        return image, model_input(image, self.cfg.infer_size)
 
     def _answer(self, image: np.ndarray, probs: torch.Tensor, fmt: OutputFormat, alpha: float) -> Response:
         labels, confidence = restore_size(probs, *image.shape[:2])

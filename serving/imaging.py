@@ -98,17 +98,6 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def resize_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
-    """Resize (up or down, keeping the aspect ratio) so that max(H, W) == long_side."""
-    height, width = image.shape[:2]
-    scale = long_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if size == (width, height):
-        return image
-    # Pillow's bilinear filter widens its support when shrinking, i.e. it antialiases.
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-
-
 def _flat_palette(palette: list[tuple[int, int, int]]) -> list[int]:
     flat = [channel for colour in palette for channel in colour]
     return flat + [0] * (768 - len(flat))

@@ -22,6 +22,7 @@ from ray.train import UserCallback
 from cluster import (ClusterUnreachable, FaultInjection, InsufficientResources, StorageNotWritable, build_trainer,
                      run_training)
 from cluster.exchange import ExchangeBoard, ExchangeTimeout, RayExchange
+from seminar import checkpoint
 from seminar.config import load_spec
 from seminar.exchange import CompactPrediction, InProcessExchange
 
@@ -181,6 +182,10 @@ def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
     labels, confidence = segmenter.segment(np.zeros((32, 32, 3), np.uint8))
     assert labels.shape == confidence.shape == (32, 32)
     assert segmenter.meta["step"] == 3
+    # Serving fetched the primary teacher's weights only: no optimizer state, no other student.
+    cached = checkpoint.local_copy(second.checkpoint, [])
+    assert sorted(str(p.relative_to(cached)) for p in cached.rglob("*") if p.is_file()) == [
+        "meta.json", "student_0/teacher.pt"]
 
 
 def exported(scraper: MetricsScraper, k: int) -> bool:

@@ -16,20 +16,29 @@ import yaml
 from PIL import Image
 
 from seminar.config import ServingConfig
-from serving.batching import PixelBudget, QueuedImage, batch_cost, pad_and_stack, predict_batch, restore_size
+from seminar.data.transforms import normalize
+from serving.batching import (
+    PixelBudget,
+    QueuedImage,
+    batch_cost,
+    model_input,
+    pad_and_stack,
+    predict_batch,
+    restore_size,
+)
 from serving.imaging import (
     InputError,
     check_declared_type,
     decode_image,
     label_png,
     overlay_png,
-    resize_long_side,
     rle_column_major,
     rle_decode_column_major,
     segmentation_json,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
 
 
 def make_checkpoint(directory: Path, model: str = "deeplabv3plus_mobilenetv2") -> Path:
@@ -98,11 +107,16 @@ def test_declared_types():
         assert refused.value.status == 415
 
 
-def test_resize_long_side_keeps_aspect():
-    image = np.zeros((300, 400, 3), np.uint8)
-    assert resize_long_side(image, 64).shape == (48, 64, 3)
-    assert resize_long_side(np.zeros((10, 5, 3), np.uint8), 64).shape == (64, 32, 3)  # upscaled too
-    assert resize_long_side(image, 400) is image
+def test_model_input_keeps_aspect_and_matches_pillow():
+    image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
+    assert model_input(image, 64).shape == (3, 48, 64)
+    assert model_input(np.zeros((10, 5, 3), np.uint8), 64).shape == (3, 64, 32)  # upscaled too
+    assert torch.equal(model_input(image, 400), normalize(image))  # already the size: only normalised
+    # Shrinking antialiases like Pillow's bilinear filter: a few grey levels apart at most.
+    photo = np.asarray(Image.open(DATA / "voc_tiny" / "JPEGImages" / "2007_000032.jpg").convert("RGB"))
+    ours = model_input(photo, 250)
+    pillow = np.asarray(Image.fromarray(photo).resize(ours.shape[:0:-1], Image.Resampling.BILINEAR))
+    assert np.abs(normalize(pillow) - ours).max() < 3 / 255 / 0.224  # 3 levels at the smallest std
 
 
 # ---- encodings -----------------------------------------------------------------------
