@@ -30,7 +30,8 @@ run it twice, and with `--threads 1` too.
 
 Measured on the 2-core development machine (quiet, load average ~1-2), defaults:
 2 threads: p50 438.5 ms served vs 394.8 ms raw (1.11x; decode 10.2, queue 1.2, forward
-399.0, encode 8.3, HTTP and routing 16.3 ms), throughput 0.87x (8 clients) and 0.94x (32);
+399.0, encode 8.3, HTTP and routing 16.3 ms), throughput 0.87x (8 clients) and 0.94x (32)
+(a second run: 1.17x, 0.85x, 0.93x);
 1 thread: 669.8 vs 598.9 ms (1.12x), throughput 0.96x and 0.84x. Run to run, the ratios
 move by about +-0.1 on this machine.
 """
