@@ -16,8 +16,8 @@ Runs the same synthetic job five ways, one after the other, and prints them side
      one worker has (`--inproc-threads` to change; more threads than free cores make
      torch's thread pool collapse on a busy machine);
   6. the machine's own floor, without Ray or the method: K plain processes each timing a
-     bare forward/backward/optimizer step of the same network on the same batch, started
-     together, against one such process alone. What K on K costs beyond this ratio is
+     bare forward/backward/optimizer step of student 0's network on a batch of the same
+     size, started together, against one such process alone. What K on K costs beyond this ratio is
      ours; up to it, it is the machine (shared caches, memory bandwidth, a hypervisor's
      cores, Ray's own processes having no core to spare).
 
@@ -33,11 +33,12 @@ network does not show up as exchange wait (`--model` picks it).
 Measured on the 2-core development machine (session 2, quiet, load average 1-2), defaults,
 three runs: exchange wait 0.0-0.1% of the step with the lookahead, 4.9-5.6% without (target
 met). K on K / one student 1.57x, 1.30x, 1.33x (p20 1.43x, 1.29x, 1.11x); K on K / K on K
-without exchange 1.18x, 0.82x, 1.17x; two bare training processes / one, without Ray, 0.77x
-in the run and 1.0-1.05x standalone. With `--set resources.loader_workers=0`: 1.49x (p20
-1.28x). On two cores the two workers, their loaders and Ray's own processes share two
-cores, and run-to-run swings (+-0.2x) exceed the effect: the 1.15x target needs a machine
-with more than K free cores to be shown.
+without exchange 1.18x, 0.82x, 1.17x. With `--set resources.loader_workers=0`: 1.49x (p20
+1.28x). The machine floor, two bare training processes of the student's network (ResNet-18,
+decoder 64) / one, without Ray, standalone: 1.27x, 1.06x, 0.74x in three rounds. On two
+cores the two workers, their loaders and Ray's own processes share two cores, and run-to-run
+swings (+-0.2x) exceed the effect: the 1.15x target needs a machine with more than K free
+cores to be shown.
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ import torch  # noqa: E402
 from ray.train import UserCallback  # noqa: E402
 
 from cluster.trainer import build_trainer, connect  # noqa: E402
-from seminar.config import TrainConfig, load_spec  # noqa: E402
+from seminar.config import StudentConfig, TrainConfig, load_spec  # noqa: E402
 from seminar.engine import WorkerContext, train_worker  # noqa: E402
 from seminar.exchange import InProcessExchange  # noqa: E402
+from seminar.models import build_model  # noqa: E402
 
 
 class StepLog(UserCallback):
@@ -125,37 +127,39 @@ def in_process(cfg: TrainConfig, threads: int) -> list[dict]:
     return steps
 
 
-def plain_steps(model: str, image_size: int, batch: int, threads: int, steps: int, start, times) -> None:
-    """A bare training step of `model`, timed `steps` times (in a process of its own)."""
-    from seminar.models import build_model
-
+def plain_steps(student: StudentConfig, num_classes: int, image_size: int, batch: int, threads: int,
+                steps: int, warmup: int, start, times) -> None:
+    """A bare training step of the student's network, timed after `warmup` steps (in a
+    process of its own)."""
     torch.set_num_threads(threads)
-    net = build_model(model, 4, 16, None)
+    net = build_model(student.model, num_classes, student.output_stride, None, student.decoder_channels)
     optimizer = torch.optim.AdamW(net.parameters())
     x = torch.randn(batch, 3, image_size, image_size)
     start.wait()
-    for _ in range(steps):
+    for step in range(steps):
         t0 = time.perf_counter()
         loss = net(x).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - t0)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
 
 
-def machine_floor(args, num_processes: int, threads: int) -> list[float]:
-    """Step times of `num_processes` bare training processes started together (no Ray),
-    after each one's warm-up."""
+def machine_floor(cfg: TrainConfig, args, num_processes: int, threads: int) -> list[float]:
+    """Step times of `num_processes` bare training processes of student 0's network,
+    started together (no Ray)."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         start, times = manager.Barrier(num_processes), manager.list()
-        procs = [ctx.Process(target=plain_steps, args=(args.model, args.image_size, args.batch, threads,
-                                                       args.steps, start, times)) for _ in range(num_processes)]
+        procs = [ctx.Process(target=plain_steps, args=(cfg.students[0], cfg.data.synthetic.num_classes, args.image_size,
+                                                       args.batch, threads, args.steps, args.warmup, start, times))
+                 for _ in range(num_processes)]
         for p in procs:
             p.start()
         for p in procs:
             p.join()
-        return list(times)[args.warmup * num_processes:]
+        return list(times)
 
 
 def main(argv=None) -> None:
@@ -200,8 +204,8 @@ def main(argv=None) -> None:
     results["in_process"]["wait"] = 0.0
     floor: dict[str, list[float]] = {"floor_k": [], "floor_one": []}
     for _ in range(args.rounds):  # interleaved too
-        floor["floor_k"] += machine_floor(args, K, threads)
-        floor["floor_one"] += machine_floor(args, 1, threads)
+        floor["floor_k"] += machine_floor(configs["k_on_k"][0], args, K, threads)
+        floor["floor_one"] += machine_floor(configs["k_on_k"][0], args, 1, threads)
     for name, times in floor.items():
         results[name] = {"step_time": statistics.median(times), "p20": statistics.quantiles(times, n=5)[0], "wait": 0.0}
 

@@ -80,14 +80,10 @@ def percentile(values: list[float], q: float) -> float:
 
 def make_checkpoint(directory: Path, model: str) -> Path:
     from seminar.config import load_spec
-    from seminar.data import build_dataset
-    from seminar.engine import WorkerContext, build_student, write_checkpoint
+    from seminar.engine import write_initial_checkpoint
 
     cfg = load_spec(None, ["method.w_ss=0", f"students=[{{model: {model}}}]", "storage.run_name=bench"])
-    info = build_dataset(cfg.data, "train").info
-    ctx = WorkerContext(students=[0])
-    write_checkpoint(str(directory), cfg, {0: build_student(cfg, 0, info.num_classes, ctx)}, info, 0, {}, ctx)
-    return directory
+    return Path(write_initial_checkpoint(str(directory), cfg))
 
 
 def test_image(width: int, height: int) -> bytes:

@@ -31,8 +31,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from seminar import checkpoint
+
 METADATA_FILE = "metadata.json"
-CHECKPOINT_META = "meta.json"  # written by training (seminar.checkpoint); marks a checkpoint dir
+CHECKPOINT_META = checkpoint.META  # written by training; marks a checkpoint dir
 DEFAULT_REGISTRY_ENV = "SEMINAR_REGISTRY"
 DEFAULT_REGISTRY = "runs/registry"
 CACHE_ENV = "SEMINAR_MODEL_CACHE"
@@ -296,7 +298,8 @@ class ModelRegistry:
             local = Path(mv.uri)
         else:
             key = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
-            local = _cache_root(cache_dir) / key / model / str(mv.version)
+            cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar" / "models")
+            local = cache / key / model / str(mv.version)
             try:
                 verify_files(local, files, where=str(local))
             except IntegrityError:
@@ -366,10 +369,6 @@ class ModelRegistry:
         return version
 
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar" / "models")
-
-
 def _mkdir(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
@@ -422,7 +421,8 @@ def resolve_model(uri_or_name: str, registry: str | None = None, cache_dir: str 
     """A local, verified checkpoint directory for any way of naming a model.
 
     Accepted:
-      - a checkpoint directory (local or s3://) - one holding meta.json, as training wrote it;
+      - a checkpoint directory (local or s3://) - one holding meta.json, as training wrote it
+        (from S3 downloaded whole, through `seminar.checkpoint.local_copy`);
       - a registry version `<registry>/<model>/<version>` or a model `<registry>/<model>`
         (its latest version), local or s3://;
       - `model` or `model/version` in `registry` (default: $SEMINAR_REGISTRY, else runs/registry).
@@ -451,15 +451,7 @@ def _resolve_path(ref: str, cache_dir: str | Path | None) -> Path:
             raise RegistryError(f"{ref}: has {METADATA_FILE} but is not <registry>/<model>/<version>")
         return ModelRegistry(reg or ".").fetch(model, int(version), cache_dir)
     if store.read_bytes(CHECKPOINT_META) is not None:  # a checkpoint as training wrote it
-        if isinstance(store, _LocalStore):
-            return store.root
-        dest = _cache_root(cache_dir) / "checkpoints" / hashlib.sha256(ref.encode()).hexdigest()[:16]
-        if not (dest / CHECKPOINT_META).is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_mkdir(dest.parent)))
-            _local_checkpoint(ref, tmp)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-        return dest
+        return store.root if isinstance(store, _LocalStore) else checkpoint.local_copy(ref)
     reg, _, model = ref.rpartition("/")
     if reg and any(v.isdigit() for v in store.list_dirs()):  # <registry>/<model>: its latest version
         return ModelRegistry(reg).fetch(model, None, cache_dir)

@@ -302,3 +302,13 @@ def write_checkpoint(directory: str, cfg: TrainConfig, students: dict[int, Stude
                                  {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()})
     if 0 in students:
         checkpoint.write_meta(directory, cfg, info, step, metrics)
+
+
+def write_initial_checkpoint(directory: str, cfg: TrainConfig, metrics: dict[str, float] | None = None) -> str:
+    """The spec's students before their first step, saved as training saves a checkpoint:
+    a servable model without training, for tests and benchmarks."""
+    info = build_dataset(cfg.data, cfg.data.train_split).info
+    ctx = WorkerContext(students=list(range(cfg.num_students)))
+    students = {k: build_student(cfg, k, info.num_classes, ctx) for k in ctx.students}
+    write_checkpoint(directory, cfg, students, info, 0, metrics or {}, ctx)
+    return directory

@@ -44,15 +44,11 @@ DATA = REPO / "tests" / "data"
 def make_checkpoint(directory: Path, model: str = "deeplabv3plus_mobilenetv2") -> Path:
     """An untrained one-student checkpoint, written by the training code's own writer."""
     from seminar.config import load_spec
-    from seminar.data import build_dataset
-    from seminar.engine import WorkerContext, build_student, write_checkpoint
+    from seminar.engine import write_initial_checkpoint
 
     cfg = load_spec(None, ["method.w_ss=0", f"students=[{{model: {model}}}]",
                            "data.synthetic.image_size=64", "storage.run_name=serving-test"])
-    info = build_dataset(cfg.data, "train").info
-    ctx = WorkerContext(students=[0])
-    write_checkpoint(str(directory), cfg, {0: build_student(cfg, 0, info.num_classes, ctx)}, info, 0,
-                     {"val/miou": 0.25, "val/iou/0": float("nan")}, ctx)
+    write_initial_checkpoint(str(directory), cfg, {"val/miou": 0.25, "val/iou/0": float("nan")})
     return directory
 
 
@@ -243,6 +239,24 @@ def test_resolve_checkpoint_and_registry_names(checkpoint, tmp_path, monkeypatch
     assert resolve_model_uri("shapes", registry=str(registry)).version == "shapes/2"
     with pytest.raises(Exception, match="no model 'other'"):
         resolve_model_uri("other")
+
+
+def test_a_checkpoint_on_s3_is_served_from_its_weights_alone(checkpoint, s3_bucket):
+    """`seminar serve s3://...`: the replica fetches meta.json and the weights that answer,
+    not the optimizer state (the registry's whole-directory download is not on this path)."""
+    from seminar import checkpoint as checkpoints
+    from seminar import storage
+    from seminar.predict import Segmenter
+    from serving.model_uri import resolve_model_uri
+
+    uri = f"s3://{s3_bucket}/runs/demo/checkpoint_000000"
+    storage.upload_dir(checkpoint, uri)
+    resolved = resolve_model_uri(uri)
+    assert (resolved.checkpoint, resolved.version) == (uri, "serving-test@0")
+    Segmenter.load(resolved.checkpoint)
+    cached = checkpoints.local_copy(uri, [])
+    assert sorted(str(p.relative_to(cached)) for p in cached.rglob("*") if p.is_file()) == [
+        "meta.json", "student_0/teacher.pt"]
 
 
 def test_serving_config_checks_budget():
