@@ -22,7 +22,9 @@ Runs the same synthetic job five ways, one after the other, and prints them side
      cores, Ray's own processes having no core to spare).
 
 Step time is the engine's `s{k}/step_time` (look ahead + collect + train, excluding
-reporting): the median over the steps after `--warmup` of all `--rounds` runs, which are
+reporting), CPU/step its `s{k}/step_cpu_time` (CPU seconds of the worker process in that
+step: CPU/step near the step time means the worker computed all along; well below, it waited
+for a core): the median over the steps after `--warmup` of all `--rounds` runs, which are
 interleaved so that load from other users of the machine hits every configuration alike.
 Exchange wait is the mean `s{k}/exchange_wait`. The 20th percentile (p20) is printed too:
 on a shared machine other users' load only ever adds time, so it is the steadier figure.
@@ -39,6 +41,11 @@ decoder 64) / one, without Ray, standalone: 1.27x, 1.06x, 0.74x in three rounds.
 cores the two workers, their loaders and Ray's own processes share two cores, and run-to-run
 swings (+-0.2x) exceed the effect: the 1.15x target needs a machine with more than K free
 cores to be shown.
+
+Session 3, with the CPU column (load average 0.4 -> 1.9): wait share 0.0% with the lookahead,
+4.7% without; K on K / one student 1.17x (p20 1.09x), while CPU seconds per step were 0.93x:
+each worker computed 0.271 s of a 0.343 s step (one student alone: 0.291 of 0.292), i.e. the
+distribution adds no work per step, and the excess wall time is waiting for a core.
 """
 
 from __future__ import annotations
@@ -107,8 +114,9 @@ def summarize(steps: list[dict], num_students: int, warmup: int, last: int) -> d
     kept = [m for m in steps if warmup < m["step"] < last] or steps
     times = [m[f"s{k}/step_time"] for m in kept for k in range(num_students)]
     waits = [m.get(f"s{k}/exchange_wait", 0.0) for m in kept for k in range(num_students)]
+    cpu = [m[f"s{k}/step_cpu_time"] for m in kept for k in range(num_students)]
     return {"step_time": statistics.median(times), "p20": statistics.quantiles(times, n=5)[0],
-            "wait": statistics.mean(waits), "samples": len(times)}
+            "wait": statistics.mean(waits), "cpu": statistics.median(cpu), "samples": len(times)}
 
 
 def on_ray(cfg: TrainConfig, workdir: Path, name: str, lookahead: bool = True) -> list[dict]:
@@ -137,18 +145,18 @@ def plain_steps(student: StudentConfig, num_classes: int, image_size: int, batch
     x = torch.randn(batch, 3, image_size, image_size)
     start.wait()
     for step in range(steps):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         loss = net(x).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0, time.process_time() - cpu0))
 
 
-def machine_floor(cfg: TrainConfig, args, num_processes: int, threads: int) -> list[float]:
-    """Step times of `num_processes` bare training processes of student 0's network,
-    started together (no Ray)."""
+def machine_floor(cfg: TrainConfig, args, num_processes: int, threads: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of the steps of `num_processes` bare training processes of
+    student 0's network, started together (no Ray)."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         start, times = manager.Barrier(num_processes), manager.list()
@@ -202,12 +210,14 @@ def main(argv=None) -> None:
     # One in-process step trains all K students.
     results["in_process"] = summarize(in_process(configs["k_on_k"][0], threads), 1, args.warmup, args.steps)
     results["in_process"]["wait"] = 0.0
-    floor: dict[str, list[float]] = {"floor_k": [], "floor_one": []}
+    floor: dict[str, list[tuple[float, float]]] = {"floor_k": [], "floor_one": []}
     for _ in range(args.rounds):  # interleaved too
         floor["floor_k"] += machine_floor(configs["k_on_k"][0], args, K, threads)
         floor["floor_one"] += machine_floor(configs["k_on_k"][0], args, 1, threads)
-    for name, times in floor.items():
-        results[name] = {"step_time": statistics.median(times), "p20": statistics.quantiles(times, n=5)[0], "wait": 0.0}
+    for name, steps_ in floor.items():
+        times = [wall for wall, _ in steps_]
+        results[name] = {"step_time": statistics.median(times), "p20": statistics.quantiles(times, n=5)[0],
+                         "wait": 0.0, "cpu": statistics.median(cpu for _, cpu in steps_)}
 
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)  # the runs' checkpoints: hundreds of MB
@@ -226,11 +236,11 @@ def main(argv=None) -> None:
         (f"machine: {K} bare training processes", results["floor_k"]),
         ("machine: 1 bare training process", results["floor_one"]),
     ]
-    print(f"{'configuration':<44} {'step time':>10} {'(p20)':>8} {'exchange wait':>14} {'wait share':>11}")
+    print(f"{'configuration':<44} {'step time':>10} {'(p20)':>8} {'CPU/step':>9} {'exchange wait':>14} {'wait share':>11}")
     for label, r in rows:
         share = f"{100 * r['wait'] / r['step_time']:.1f}%" if r["wait"] else "-"
         wait = f"{1000 * r['wait']:.1f} ms" if r["wait"] else "-"
-        print(f"{label:<44} {r['step_time']:>8.3f} s {r['p20']:>7.3f} {wait:>14} {share:>11}")
+        print(f"{label:<44} {r['step_time']:>8.3f} s {r['p20']:>7.3f} {r['cpu']:>7.3f} s {wait:>14} {share:>11}")
 
     def ratio(a: str, b: str) -> str:
         return (f"{results[a]['step_time'] / results[b]['step_time']:.2f}x "
@@ -240,7 +250,9 @@ def main(argv=None) -> None:
     share_sync = results["k_on_k_sync"]["wait"] / results["k_on_k_sync"]["step_time"]
     print(f"\nexchange wait share: {100 * share:.1f}% with lookahead (target <= 3%), "
           f"{100 * share_sync:.1f}% without")
-    print(f"K on K / one student: {ratio('k_on_k', 'one')} (target <= 1.15x)")
+    print(f"K on K / one student: {ratio('k_on_k', 'one')} (target <= 1.15x); "
+          f"CPU seconds per step: {results['k_on_k']['cpu'] / results['one']['cpu']:.2f}x "
+          f"(above 1: work the distribution adds; the rest of the wall-time ratio is waiting for a core)")
     print(f"K on K / K on K without exchange: {ratio('k_on_k', 'k_on_k_alone')}")
     print(f"K in one process / one student: {ratio('in_process', 'one')}")
     machine = results["floor_k"]["step_time"] / results["floor_one"]["step_time"]

@@ -73,7 +73,7 @@ def main() -> None:
         seminar.optimizer.zero_grad()
         loss["loss"].backward()
         seminar.optimizer.step()
-        seminar.teacher.update(seminar.net, step, cfg.method.ema_decay)
+        seminar.teacher.update(seminar.net, step, cfg.method.ema_decay, cfg.method.ema_warmup_power)
 
     times: dict[str, list[float]] = {"plain": [], "seminar": []}
     for step in range(args.steps + 2):

@@ -32,13 +32,16 @@ class TrainMetrics:
         self.steps = Counter("seminar_train_steps", "training steps done", tag_keys=tags)
         self.step_time = Histogram("seminar_train_step_seconds", "time of one training step",
                                    boundaries=_STEP_SECONDS, tag_keys=tags)
+        self.step_cpu_time = Histogram("seminar_train_step_cpu_seconds",
+                                       "CPU seconds the worker process used in one training step",
+                                       boundaries=_STEP_SECONDS, tag_keys=tags)
         self.exchange_wait = Histogram("seminar_train_exchange_wait_seconds",
                                        "time a step waited for its peers' predictions",
                                        boundaries=_WAIT_SECONDS, tag_keys=tags)
         self.val_miou = Gauge("seminar_val_miou", "validation mIoU of a student or its teacher",
                               tag_keys=tags + ("model",))
         for metric in (self.loss, self.pseudo_frac, self.images_per_s, self.step, self.steps,
-                       self.step_time, self.exchange_wait, self.val_miou):
+                       self.step_time, self.step_cpu_time, self.exchange_wait, self.val_miou):
             metric.set_default_tags({"run": run_name})
 
     def record(self, metrics: dict[str, float]) -> None:
@@ -57,6 +60,8 @@ class TrainMetrics:
                 self.images_per_s.set(get("images_per_s"), tags=tags)
             if get("step_time") is not None:
                 self.step_time.observe(get("step_time"), tags=tags)
+            if get("step_cpu_time") is not None:
+                self.step_cpu_time.observe(get("step_cpu_time"), tags=tags)
             if get("exchange_wait") is not None:
                 self.exchange_wait.observe(get("exchange_wait"), tags=tags)
             for model in ("student", "teacher"):

@@ -23,10 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import ExitStack
+import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -36,7 +39,7 @@ from ray.train import (Checkpoint, CheckpointConfig, CheckpointConsistencyMode, 
 from ray.train.collective import broadcast_from_rank_zero
 from ray.train.torch import TorchTrainer
 
-from seminar import storage
+from seminar import checkpoint, storage
 from seminar.config import TrainConfig
 from seminar.exchange import InProcessExchange
 from seminar.runs import new_run_name
@@ -95,8 +98,7 @@ def train_fn_per_worker(config: dict) -> None:
         exchange = PublishOnCollect(exchange)
 
     with ExitStack() as stack:
-        checkpoint = ray.train.get_checkpoint()
-        resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        resume_from = stack.enter_context(checkpoint_parts(ray.train.get_checkpoint(), worker.students))
         if _checkpoint_step(resume_from) >= cfg.optim.steps:
             # A finished run started again: nothing to train. Ray's result keeps its last
             # checkpoint and metrics.
@@ -146,9 +148,9 @@ class Reporter:
         if self.ray_metrics:
             self.ray_metrics.record(metrics)
         merged = {**self._gather(metrics), **self.run_info}
-        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(merged, checkpoint=checkpoint)
-        if checkpoint:
+        ray_checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(merged, checkpoint=ray_checkpoint)
+        if ray_checkpoint:
             # Ray registers a checkpoint only once its controller has polled every worker's
             # report (every ~2 s); a worker dying before that loses it. Waiting here keeps the
             # promise of losing at most one checkpoint interval.
@@ -173,6 +175,27 @@ class Reporter:
             Path(f.marker).write_text(f"rank {self.rank} exited at step {metrics.get('step')}\n")
             logger.warning("fault injection: rank %d exits at step %s", self.rank, metrics.get("step"))
             os._exit(1)
+
+
+@contextmanager
+def checkpoint_parts(ray_checkpoint: Checkpoint | None, students: list[int]) -> Iterator[str | None]:
+    """A local directory holding what a worker resumes from: the checkpoint's meta.json
+    and its own students' files. (`Checkpoint.as_directory()` would download every
+    student's weights and optimizer state to every worker.)"""
+    if ray_checkpoint is None:
+        yield None
+    elif isinstance(ray_checkpoint.filesystem, pafs.LocalFileSystem):
+        yield ray_checkpoint.path
+    else:
+        with tempfile.TemporaryDirectory(prefix="seminar-resume-") as local:
+            student_dirs = [checkpoint.student_dir(k) for k in students]
+            for part in student_dirs:
+                Path(local, part).mkdir()  # copy_files fills a directory, it does not make it
+            for part in [checkpoint.META, *student_dirs]:
+                pafs.copy_files(f"{ray_checkpoint.path}/{part}", f"{local}/{part}",
+                                source_filesystem=ray_checkpoint.filesystem,
+                                destination_filesystem=pafs.LocalFileSystem())
+            yield local
 
 
 def _checkpoint_step(directory: str | None) -> int:

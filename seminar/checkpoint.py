@@ -27,9 +27,14 @@ from .data.base import DatasetInfo
 META = "meta.json"
 
 
+def student_dir(k: int) -> str:
+    """Where student k's files live inside a checkpoint."""
+    return f"student_{k}"
+
+
 def write_student(directory: str | Path, k: int, step: int, student: nn.Module, teacher: nn.Module,
                   optimizer_state: dict) -> None:
-    d = Path(directory) / f"student_{k}"
+    d = Path(directory) / student_dir(k)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(student.state_dict(), d / "student.pt")
     torch.save(teacher.state_dict(), d / "teacher.pt")
@@ -56,9 +61,9 @@ def write_meta(directory: str | Path, cfg: TrainConfig, info: DatasetInfo, step:
 
 def read_student(directory: str | Path, k: int) -> dict:
     """Everything of student k that a resumed run needs."""
-    d = Path(directory) / f"student_{k}"
+    d = Path(directory) / student_dir(k)
     if not d.is_dir():
-        raise FileNotFoundError(f"checkpoint {directory} has no student_{k}/")
+        raise FileNotFoundError(f"checkpoint {directory} has no {student_dir(k)}/")
     load = lambda name: torch.load(d / name, map_location="cpu", weights_only=True)  # noqa: E731
     return {"student": load("student.pt"), "teacher": load("teacher.pt"), "optimizer": load("optimizer.pt"),
             "step": json.loads((d / "state.json").read_text())["step"]}
@@ -66,7 +71,7 @@ def read_student(directory: str | Path, k: int) -> dict:
 
 def weights_file(k: int, network: str) -> str:
     """Where student k's "student" or "teacher" weights live inside a checkpoint."""
-    return f"student_{k}/{network}.pt"
+    return f"{student_dir(k)}/{network}.pt"
 
 
 def read_weights(directory: str | Path, k: int, network: str) -> dict:

@@ -109,6 +109,9 @@ def _default_students() -> list[StudentConfig]:
 class MethodConfig(Strict):
     supervision: Literal["clicks", "dense"] = "clicks"
     ema_decay: float = Field(0.99, ge=0, lt=1)
+    ema_warmup_power: float = Field(
+        2 / 3, gt=0, le=1, description="teacher decay at step t: min(ema_decay, 1 - (1+t)^-power); 1 = mean "
+        "teacher's uniform average from step 0; below 1 the first, fast-moving steps fade sooner (timm's warm-up)")
     w_ts: float = Field(1.0, ge=0, le=100, description="weight of the teacher-student consistency loss")
     w_ss: float = Field(1.0, ge=0, le=100, description="weight of the student-student pseudo-label loss")
     ts_loss: Literal["mse", "kl"] = "mse"

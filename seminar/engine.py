@@ -215,7 +215,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
     last: dict[str, float] = {}
     per_replica = optim.batch_size // ctx.num_replicas
     for step in range(start, optim.steps):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         next_batch = next_teacher_probs = None
         if step + 1 < optim.steps:  # 1. look ahead
             next_batch = _to_device(next(iter_), ctx.device)
@@ -240,7 +240,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             losses["loss"].backward()
             s.optimizer.step()
             s.scheduler.step()
-            s.teacher.update(s.net, step, method.ema_decay)
+            s.teacher.update(s.net, step, method.ema_decay, method.ema_warmup_power)
 
             for name, value in losses.items():
                 sums[f"s{k}/{name}"] += value.item()
@@ -250,8 +250,12 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             sums[f"s{k}/exchange_wait"] += wait
 
         step_time = time.perf_counter() - t0
+        # CPU seconds of this whole process (torch's threads, Ray's): against step_time it
+        # tells work done from time spent waiting for a core, a GPU or data.
+        step_cpu_time = time.process_time() - cpu0
         for k in students:
             sums[f"s{k}/step_time"] += step_time
+            sums[f"s{k}/step_cpu_time"] += step_cpu_time
             sums[f"s{k}/images_per_s"] += per_replica / step_time
         counted += 1
         batch, teacher_probs = next_batch, next_teacher_probs

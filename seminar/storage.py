@@ -28,9 +28,12 @@ def s3_filesystem() -> pafs.S3FileSystem:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or an s3:// URI."""
-    if is_s3(uri):
+    """(filesystem, path inside it) for a local path, an s3:// URI, or another URI pyarrow
+    knows (gs://, hdfs://, or s3:// with its own ?endpoint_override=... options)."""
+    if is_s3(uri) and "?" not in str(uri):
         return s3_filesystem(), str(uri)[len("s3://"):].rstrip("/")
+    if "://" in str(uri):
+        return pafs.FileSystem.from_uri(str(uri))
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
@@ -57,12 +60,17 @@ def download_dir(uri: str, local: str | Path) -> Path:
 
 
 def download_file(uri: str, local: str | Path) -> Path:
-    """Copy one file; it appears at `local` complete or not at all."""
+    """Copy one file, streamed; it appears at `local` complete or not at all."""
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
-    partial.write_bytes(read_bytes(uri))
-    partial.replace(local)
+    fs, path = filesystem(uri)
+    try:
+        pafs.copy_files(path, str(partial.resolve()), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        partial.replace(local)
+    finally:
+        partial.unlink(missing_ok=True)
     return local
 
 

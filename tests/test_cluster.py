@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from ray.train import UserCallback
+from ray.train import Checkpoint, UserCallback
 
 from cluster import (ClusterUnreachable, FaultInjection, InsufficientResources, StorageNotWritable, build_trainer,
                      run_training)
 from cluster.exchange import ExchangeBoard, ExchangeTimeout, RayExchange
-from seminar import checkpoint
+from cluster.trainer import checkpoint_parts
+from seminar import checkpoint, storage
+from seminar.engine import write_initial_checkpoint
 from seminar.config import load_spec
 from seminar.exchange import CompactPrediction, InProcessExchange
 
@@ -162,20 +164,20 @@ def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
     name resumes from them; Segmenter loads them."""
     from seminar.predict import Segmenter
 
-    storage = f"s3://{s3_bucket}/runs"
-    first = run_training(tiny_spec(storage, 2, 2, "storage.run_name=on-s3"), address=ray_session.address)
+    runs = f"s3://{s3_bucket}/runs"
+    first = run_training(tiny_spec(runs, 2, 2, "storage.run_name=on-s3"), address=ray_session.address)
     assert first.checkpoint.startswith(f"s3://{s3_bucket}/runs/on-s3/checkpoint_") and first.step == 2
 
     # Started again under the same name with one more step: it resumes at step 2.
     log = tmp_path / "reports.jsonl"
-    second = run_training(tiny_spec(storage, 3, 3, "storage.run_name=on-s3"), address=ray_session.address,
+    second = run_training(tiny_spec(runs, 3, 3, "storage.run_name=on-s3"), address=ray_session.address,
                           callbacks=[RecordReports(log)])
     reports = read_reports(log)
     assert [r["step"] for r in reports] == [3]
     assert reports[0]["run/resumed_from_step"] == 2 and second.step == 3
 
     # Started again once finished: nothing to train, the same final checkpoint.
-    third = run_training(tiny_spec(storage, 3, 3, "storage.run_name=on-s3"), address=ray_session.address)
+    third = run_training(tiny_spec(runs, 3, 3, "storage.run_name=on-s3"), address=ray_session.address)
     assert (third.step, third.checkpoint) == (3, second.checkpoint)
 
     segmenter = Segmenter.load(second.checkpoint)
@@ -188,9 +190,27 @@ def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
         "meta.json", "student_0/teacher.pt"]
 
 
+def test_a_resuming_worker_fetches_only_its_students_files(s3_bucket, tmp_path):
+    """From S3, the worker of student 1 downloads meta.json and student_1/, not every
+    student's weights and optimizer state; a local checkpoint is read in place."""
+    local = write_initial_checkpoint(str(tmp_path / "checkpoint"), tiny_spec(tmp_path))
+    uri = f"s3://{s3_bucket}/runs/r/checkpoint_000000"
+    storage.upload_dir(local, uri)
+    fs, path = storage.filesystem(uri)
+    with checkpoint_parts(Checkpoint(path, filesystem=fs), [1]) as directory:
+        assert sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*") if p.is_file()) == [
+            "meta.json", "student_1/optimizer.pt", "student_1/state.json", "student_1/student.pt",
+            "student_1/teacher.pt"]
+        assert checkpoint.read_student(directory, 1)["step"] == 0
+    assert not Path(directory).exists()
+    with checkpoint_parts(Checkpoint(local), [1]) as directory:
+        assert Path(directory) == Path(local)
+
+
 def exported(scraper: MetricsScraper, k: int) -> bool:
     return (scraper.has("ray_seminar_train_loss", student=k, term="ss")
-            and scraper.has("ray_seminar_train_exchange_wait_seconds_bucket", student=k))
+            and scraper.has("ray_seminar_train_exchange_wait_seconds_bucket", student=k)
+            and scraper.has("ray_seminar_train_step_cpu_seconds_bucket", student=k))
 
 
 @pytest.mark.slow

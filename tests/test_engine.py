@@ -65,7 +65,7 @@ def test_seminar_run_reports_every_student_and_checkpoints(tmp_path):
     logged, saved = run(cfg)
     last = logged[-1]
     for k in range(2):
-        for key in ("loss", "loss_sup", "loss_ts", "loss_ss", "pseudo_frac", "step_time", "exchange_wait",
+        for key in ("loss", "loss_sup", "loss_ts", "loss_ss", "pseudo_frac", "step_time", "step_cpu_time", "exchange_wait",
                     "images_per_s", "val_miou_student", "val_miou_teacher"):
             assert f"s{k}/{key}" in last
         assert last[f"s{k}/pseudo_frac"] == pytest.approx(1.0)  # tau=0: every valid pixel gets a label

@@ -22,8 +22,8 @@ def test_ema_teacher_tracks_parameters_and_batchnorm_buffers():
         student[0].weight.add_(1.0)
     before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
     step, ema_decay = 50, 0.9
-    teacher.update(student, step, ema_decay)
-    d = EmaTeacher.decay_at(step, ema_decay)
+    teacher.update(student, step, ema_decay, 1.0)
+    d = EmaTeacher.decay_at(step, ema_decay, 1.0)
     assert d == pytest.approx(0.9)
     for name, value in teacher.module.state_dict().items():
         s = student.state_dict()[name]
@@ -37,9 +37,15 @@ def test_ema_teacher_tracks_parameters_and_batchnorm_buffers():
 
 
 def test_ema_warmup_follows_the_student_early():
-    assert EmaTeacher.decay_at(0, 0.99) == 0.0  # first update copies the student
-    assert EmaTeacher.decay_at(9, 0.99) == pytest.approx(0.9)
-    assert EmaTeacher.decay_at(10_000, 0.99) == 0.99
+    for power in (1.0, 2 / 3):
+        assert EmaTeacher.decay_at(0, 0.99, power) == 0.0  # first update copies the student
+        assert EmaTeacher.decay_at(10_000, 0.99, power) == 0.99
+    assert EmaTeacher.decay_at(9, 0.99, 1.0) == pytest.approx(0.9)  # mean teacher: 1 - 1/(t+1)
+    assert EmaTeacher.decay_at(7, 0.99, 2 / 3) == pytest.approx(0.75)  # timm: 1 - 8^(-2/3)
+    # The default forgets the first steps sooner: at step 99 a mean teacher still gives
+    # steps 0-9 a tenth of its weight.
+    assert load_spec(None, []).method.ema_warmup_power == pytest.approx(2 / 3)
+    assert EmaTeacher.decay_at(99, 0.99, 2 / 3) < EmaTeacher.decay_at(99, 0.99, 1.0)
 
 
 def test_sigmoid_rampup():

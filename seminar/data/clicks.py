@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from scipy import ndimage
 
+from seminar import storage
 from seminar.data.base import IGNORE_INDEX
 
 CLICK_SCHEMA = pa.schema(
@@ -69,17 +70,9 @@ def _click_index(image_ids: np.ndarray, row: int) -> int:
 # Files: local paths or s3://bucket/key, through pyarrow filesystems.
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in str(path):
-        return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), str(Path(path).absolute())
-
-
 def _read_bytes(path: str) -> bytes:
-    fs, inner = _filesystem(path)
     try:
-        with fs.open_input_stream(inner) as f:
-            return f.read()
+        return storage.read_bytes(path)
     except FileNotFoundError:
         raise ClickFileError(f"{path}: click file not found") from None
 
@@ -187,7 +180,7 @@ def read_wtp_json(path: str, source: str) -> pa.Table:
 
 
 def write_click_table(table: pa.Table, path: str) -> None:
-    fs, inner = _filesystem(path)
+    fs, inner = storage.filesystem(path)
     if isinstance(fs, pafs.LocalFileSystem):
         Path(inner).parent.mkdir(parents=True, exist_ok=True)
     typed = table.select(CLICK_SCHEMA.names).cast(CLICK_SCHEMA)
@@ -205,7 +198,7 @@ def read_click_table(path: str, source: str | None = None) -> pa.Table:
     values fit. `rank` may be absent (every click is rank 1), and so may `source` (then
     `source`, default `user`, labels every row).
     """
-    fs, inner = _filesystem(path)
+    fs, inner = storage.filesystem(path)
     try:
         raw = pq.read_table(inner, filesystem=fs)
     except FileNotFoundError:
