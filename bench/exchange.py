@@ -4,7 +4,7 @@
     .venv/bin/python bench/exchange.py --address 10.0.0.5:6379                  # an existing cluster
     .venv/bin/python bench/exchange.py --steps 40 --image-size 96 --set method.tau=0.5
 
-Runs the same synthetic job five ways, one after the other, and prints them side by side:
+Measures six configurations, one after the other, and prints them side by side:
 
   1. K students on K Ray workers, exchange one step ahead (what training does);
   2. the same without the lookahead: each publish is held back until that step is
@@ -118,8 +118,14 @@ def summarize(steps: list[dict], num_students: int, warmup: int, last: int) -> d
     times = [m[f"s{k}/step_time"] for m in kept for k in range(num_students)]
     waits = [m.get(f"s{k}/exchange_wait", 0.0) for m in kept for k in range(num_students)]
     cpu = [m[f"s{k}/step_cpu_time"] for m in kept for k in range(num_students)]
+    return step_figures(times, cpu, waits)
+
+
+def step_figures(times: list[float], cpu: list[float], waits: list[float]) -> dict[str, float]:
+    """One row of the table: median and 20th-percentile step time, mean exchange wait,
+    median CPU seconds per step."""
     return {"step_time": statistics.median(times), "p20": statistics.quantiles(times, n=5)[0],
-            "wait": statistics.mean(waits), "cpu": statistics.median(cpu), "samples": len(times)}
+            "wait": statistics.mean(waits), "cpu": statistics.median(cpu)}
 
 
 def on_ray(cfg: TrainConfig, workdir: Path, name: str, lookahead: bool = True) -> list[dict]:
@@ -218,9 +224,7 @@ def main(argv=None) -> None:
         floor["floor_k"] += machine_floor(configs["k_on_k"][0], args, K, threads)
         floor["floor_one"] += machine_floor(configs["k_on_k"][0], args, 1, threads)
     for name, steps_ in floor.items():
-        times = [wall for wall, _ in steps_]
-        results[name] = {"step_time": statistics.median(times), "p20": statistics.quantiles(times, n=5)[0],
-                         "wait": 0.0, "cpu": statistics.median(cpu for _, cpu in steps_)}
+        results[name] = step_figures([wall for wall, _ in steps_], [cpu for _, cpu in steps_], [0.0])
 
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)  # the runs' checkpoints: hundreds of MB

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +75,14 @@ def train_fn_per_worker(config: dict) -> None:
     num_students, num_replicas = cfg.num_students, cfg.resources.replicas_per_student
     torch.set_num_threads(cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_worker)))
 
+    ray_checkpoint = ray.train.get_checkpoint()
+    resumed_step = _checkpoint_step(ray_checkpoint)
+    if resumed_step >= cfg.optim.steps:
+        # A finished run started again: nothing to train or download. Ray's result keeps its
+        # last checkpoint and metrics.
+        logger.info("run %s already reached step %d", cfg.storage.run_name, cfg.optim.steps)
+        return
+
     # A fresh attempt number whenever the worker group (re)starts: rank 0 draws it from
     # the board, which forgets what the previous attempt published.
     attempt = broadcast_from_rank_zero(ray.get(board.new_attempt.remote()) if rank == 0 else None)
@@ -97,14 +105,8 @@ def train_fn_per_worker(config: dict) -> None:
     if not config.get("lookahead", True):  # benchmark switch: no overlap of exchange and compute
         exchange = PublishOnCollect(exchange)
 
-    with ExitStack() as stack:
-        resume_from = stack.enter_context(checkpoint_parts(ray.train.get_checkpoint(), worker.students))
-        if _checkpoint_step(resume_from) >= cfg.optim.steps:
-            # A finished run started again: nothing to train. Ray's result keeps its last
-            # checkpoint and metrics.
-            logger.info("run %s already reached step %d", cfg.storage.run_name, cfg.optim.steps)
-            return
-        reporter = Reporter(cfg, worker, rank, world_size, attempt, resume_from, config.get("fault"))
+    with checkpoint_parts(ray_checkpoint, worker.students) as resume_from:
+        reporter = Reporter(cfg, worker, rank, world_size, attempt, resumed_step, config.get("fault"))
         try:
             train_worker(cfg, worker, exchange, reporter, resume_from=resume_from)
         finally:
@@ -137,9 +139,9 @@ class Reporter:
     """
 
     def __init__(self, cfg: TrainConfig, worker, rank: int, world_size: int, attempt: int,
-                 resume_from: str | None, fault: FaultInjection | None):
+                 resumed_step: int, fault: FaultInjection | None):
         self.rank, self.world_size, self.fault = rank, world_size, fault
-        self.run_info = {"run/attempt": attempt, "run/resumed_from_step": _checkpoint_step(resume_from)}
+        self.run_info = {"run/attempt": attempt, "run/resumed_from_step": resumed_step}
         # Only replica 0 of a student exports it: its replicas report the same reduced values.
         self.ray_metrics = TrainMetrics(cfg.storage.run_name or "run", worker.students) if worker.replica == 0 else None
 
@@ -198,11 +200,13 @@ def checkpoint_parts(ray_checkpoint: Checkpoint | None, students: list[int]) -> 
             yield local
 
 
-def _checkpoint_step(directory: str | None) -> int:
-    if not directory:
+def _checkpoint_step(ray_checkpoint: Checkpoint | None) -> int:
+    """The step a run's checkpoint holds (-1 without one), read from its meta.json alone."""
+    if ray_checkpoint is None:
         return -1
     try:
-        return int(json.loads((Path(directory) / "meta.json").read_text())["step"])
+        with ray_checkpoint.filesystem.open_input_stream(f"{ray_checkpoint.path}/{checkpoint.META}") as f:
+            return int(json.loads(f.read())["step"])
     except (OSError, KeyError, ValueError):
         return -1
 

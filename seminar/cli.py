@@ -28,6 +28,15 @@ def spec_from_options(config: Optional[Path], overrides: list[str]) -> TrainConf
         fail(str(e))
 
 
+def _train_on_ray(cfg: TrainConfig, address: str | None):
+    from cluster import PreflightError, run_training  # Ray is imported on this path only
+
+    try:
+        return run_training(cfg, address=address, console=console)
+    except PreflightError as e:
+        fail(str(e))
+
+
 @app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="job spec (YAML); default: the embedded synthetic job"),
@@ -36,20 +45,13 @@ def train(
     in_process: bool = typer.Option(False, "--in-process", help="all students in this process, without Ray"),
 ) -> None:
     """Train the students, evaluate them, save a checkpoint."""
-    from cluster.preflight import PreflightError
-
     from .data import ClickFileError, DatasetError
     from .runs import run_in_process, summary_table
 
     cfg = spec_from_options(config, overrides)
     try:
-        if in_process:
-            result = run_in_process(cfg, console)
-        else:
-            from cluster.trainer import run_training
-
-            result = run_training(cfg, address=address, console=console)
-    except (ClickFileError, DatasetError, SpecError, FileNotFoundError, PreflightError) as e:
+        result = run_in_process(cfg, console) if in_process else _train_on_ray(cfg, address)
+    except (ClickFileError, DatasetError, SpecError, FileNotFoundError) as e:
         fail(str(e))
     meta_classes = _classes_of(result.checkpoint)
     console.print(summary_table(result.metrics, meta_classes, cfg.num_students))

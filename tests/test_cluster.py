@@ -24,8 +24,8 @@ from cluster import (ClusterUnreachable, FaultInjection, InsufficientResources, 
 from cluster.exchange import ExchangeBoard, ExchangeTimeout, RayExchange
 from cluster.trainer import checkpoint_parts
 from seminar import checkpoint, storage
-from seminar.engine import write_initial_checkpoint
 from seminar.config import load_spec
+from seminar.engine import write_initial_checkpoint
 from seminar.exchange import CompactPrediction, InProcessExchange
 
 TINY = [
