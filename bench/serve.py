@@ -104,12 +104,12 @@ class RawModel:
         import torch
 
         from seminar.predict import Segmenter
-        from serving.batching import model_input
         from serving.imaging import decode_image
 
         torch.set_num_threads(args.threads)
-        self.model = Segmenter.load(str(checkpoint)).models[0]
-        self.x = model_input(decode_image(jpeg, 2**30), args.infer_size).unsqueeze(0)
+        segmenter = Segmenter.load(str(checkpoint))
+        self.model = segmenter.models[0]
+        self.x = segmenter.model_input(decode_image(jpeg, 2**30), args.infer_size).unsqueeze(0)
         self.batch = self.x.expand(args.batch, -1, -1, -1).contiguous()
         for _ in range(2):
             self.forward_one()

@@ -67,13 +67,13 @@ def main() -> None:
         with torch.no_grad():  # the look-ahead teacher forward (of the next batch, in training)
             teacher_probs = seminar.teacher(batch["image_weak"]).softmax(1)
             CompactPrediction.from_probs(teacher_probs)
-        pseudo, _ = fuse_pseudo_labels([peer_pred], n, cfg.method.tau, batch["click_map"], batch["valid"])
+        pseudo, _ = fuse_pseudo_labels([peer_pred], cfg.method, n, batch["click_map"], batch["valid"])
         logits = seminar.model(batch["image_strong"][:, 0])
         loss = student_losses(cfg.method, step, logits, batch, teacher_probs, pseudo)
         seminar.optimizer.zero_grad()
         loss["loss"].backward()
         seminar.optimizer.step()
-        seminar.teacher.update(seminar.net, step, cfg.method.ema_decay, cfg.method.ema_warmup_power)
+        seminar.teacher.update(seminar.net, step)
 
     times: dict[str, list[float]] = {"plain": [], "seminar": []}
     for step in range(args.steps + 2):

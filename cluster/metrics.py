@@ -26,7 +26,11 @@ class TrainMetrics:
         self.loss = Gauge("seminar_train_loss", "student loss by term (total, sup, ts, ss)",
                           tag_keys=tags + ("term",))
         self.pseudo_frac = Gauge("seminar_train_pseudo_label_fraction",
-                                 "fraction of pixels given a peer pseudo-label", tag_keys=tags)
+                                 "fraction of unclicked valid pixels given a peer pseudo-label", tag_keys=tags)
+        # Diagnostics against the training masks where they exist (never trained on).
+        self.diag_accuracy = Gauge("seminar_train_diag_accuracy",
+                                   "accuracy on unclicked pixels against the training masks (diagnostic only): "
+                                   "of the pseudo-label where it covers, of the student", tag_keys=tags + ("of",))
         self.images_per_s = Gauge("seminar_train_images_per_second", "training throughput", tag_keys=tags)
         self.step = Gauge("seminar_train_step", "last reported step", tag_keys=tags)
         self.steps = Counter("seminar_train_steps", "training steps done", tag_keys=tags)
@@ -40,7 +44,7 @@ class TrainMetrics:
                                        boundaries=_WAIT_SECONDS, tag_keys=tags)
         self.val_miou = Gauge("seminar_val_miou", "validation mIoU of a student or its teacher",
                               tag_keys=tags + ("model",))
-        for metric in (self.loss, self.pseudo_frac, self.images_per_s, self.step, self.steps,
+        for metric in (self.loss, self.pseudo_frac, self.diag_accuracy, self.images_per_s, self.step, self.steps,
                        self.step_time, self.step_cpu_time, self.exchange_wait, self.val_miou):
             metric.set_default_tags({"run": run_name})
 
@@ -56,6 +60,9 @@ class TrainMetrics:
                     self.loss.set(get(key), tags={**tags, "term": term})
             if get("pseudo_frac") is not None:
                 self.pseudo_frac.set(get("pseudo_frac"), tags=tags)
+            for of in ("pseudo", "student"):
+                if get(f"diag_{of}_acc") is not None:
+                    self.diag_accuracy.set(get(f"diag_{of}_acc"), tags={**tags, "of": of})
             if get("images_per_s") is not None:
                 self.images_per_s.set(get("images_per_s"), tags=tags)
             if get("step_time") is not None:

@@ -140,7 +140,7 @@ class Reporter:
 
     def __init__(self, cfg: TrainConfig, worker, rank: int, world_size: int, attempt: int,
                  resumed_step: int, fault: FaultInjection | None):
-        self.rank, self.world_size, self.fault = rank, world_size, fault
+        self.cfg, self.rank, self.world_size, self.fault = cfg, rank, world_size, fault
         self.run_info = {"run/attempt": attempt, "run/resumed_from_step": resumed_step}
         # Only replica 0 of a student exports it: its replicas report the same reduced values.
         self.ray_metrics = TrainMetrics(cfg.storage.run_name or "run", worker.students) if worker.replica == 0 else None
@@ -150,6 +150,14 @@ class Reporter:
         if self.ray_metrics:
             self.ray_metrics.record(metrics)
         merged = {**self._gather(metrics), **self.run_info}
+        if self.rank == 0 and "val/miou" in merged and self.world_size > 1:
+            # Rank 0 validated its own students only; with everyone's metrics it picks the
+            # served network among all the teachers (an ensemble needs them in one process).
+            from seminar.engine import choose_served  # the method; imported on the worker
+
+            served = choose_served(self.cfg, merged)
+            if checkpoint_dir:
+                checkpoint.update_meta(checkpoint_dir, served=served, metrics=merged)
         ray_checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(merged, checkpoint=ray_checkpoint)
         if ray_checkpoint:

@@ -65,7 +65,8 @@ def check_paths(cfg: TrainConfig) -> list[str]:
         ("data.sbd_root", data.sbd_root, "dir"),
         ("data.clicks", data.clicks, "file"),
         *[(f"data.extra_clicks.{i}", p, "file") for i, p in enumerate(data.extra_clicks)],
-        *[(f"students.{k}.pretrained", s.pretrained, "file") for k, s in enumerate(cfg.students)],
+        *[(f"students.{k}.pretrained", s.pretrained, "file") for k, s in enumerate(cfg.students)
+          if s.pretrained != "imagenet"],
     ]
     problems = []
     for field, value, kind in wanted:

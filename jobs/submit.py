@@ -204,7 +204,8 @@ def for_cluster(cfg: TrainConfig, run_name: str | None) -> TrainConfig:
         data[key] = absolute(data[key])
     data["extra_clicks"] = [absolute(p) for p in data["extra_clicks"]]
     for student in raw["students"]:
-        student["pretrained"] = absolute(student["pretrained"])
+        if student["pretrained"] != "imagenet":  # the packaged weights, not a path
+            student["pretrained"] = absolute(student["pretrained"])
     raw["storage"]["path"] = absolute(raw["storage"]["path"])
     if run_name:
         raw["storage"]["run_name"] = run_name

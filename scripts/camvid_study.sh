@@ -1,19 +1,43 @@
 #!/usr/bin/env bash
-# The CamVid study of docs/results.md: the same schedule (jobs/configs/camvid_study.yaml)
-# for every row, in one process each, evaluated on CamVid val (101 images, half resolution).
-# Reads ../shared/data/camvid. Usage: bash scripts/camvid_study.sh [extra --set flags]
+# The CamVid study of docs/results.md: one schedule (jobs/configs/camvid.yaml) and the same
+# ImageNet EfficientNet-Lite0 primary network for every row, 3 seeds per row, in one process
+# each, evaluated on CamVid val (101 images, half resolution). Reads ../shared/data/camvid.
+# Each run leaves runs/camvid/study-ROW-sSEED/metrics.jsonl; summarise with
+#   .venv/bin/python scripts/study_table.py runs/camvid
+# Usage: bash scripts/camvid_study.sh [ROWS] [SEEDS] [extra --set flags]
+#   e.g.  bash scripts/camvid_study.sh "seminar pce" "0 1 2" --set optim.steps=300
 set -euo pipefail
 cd "$(dirname "$0")/.."
-spec=jobs/configs/camvid_study.yaml
-one_student='students=[{model: deeplabv3plus_resnet18, seed: 0, decoder_channels: 128}]'
-run() {  # name, then --set flags
-  local name=$1; shift
-  echo "== $name"
-  .venv/bin/seminar train --in-process --config "$spec" --set "storage.run_name=study-$name" "$@" "${EXTRA[@]}" \
-    2>&1 | tr '\r' '\n' | grep -v "^train:" | tee "runs/camvid_study/$name.log"
+spec=jobs/configs/camvid.yaml
+rows=${1:-"full pce mt cps seminar"}
+seeds=${2:-"0 1 2"}
+shift 2 || true
+one_student='students=[{model: deeplabv3plus_efficientnet_lite0, pretrained: imagenet, seed: 0, decoder_channels: 128}]'
+row_flags() {
+  case $1 in
+    full)    echo "$one_student|method.supervision=dense|method.w_ts=0|method.w_ss=0" ;;
+    pce)     echo "$one_student|method.w_ts=0|method.w_ss=0" ;;
+    mt)      echo "$one_student|method.w_ss=0" ;;
+    cps)     echo "method.w_ts=0|method.pseudo_from=student" ;;
+    seminar) echo "" ;;
+    *) echo "unknown row $1" >&2; exit 2 ;;
+  esac
 }
-EXTRA=("$@")
-mkdir -p runs/camvid_study
-run full     --set "$one_student" --set method.supervision=dense --set method.w_ts=0 --set method.w_ss=0
-run pce      --set "$one_student" --set method.w_ts=0 --set method.w_ss=0
-run seminar
+mkdir -p runs/camvid
+for seed in $seeds; do
+  for row in $rows; do
+    name=study-$row-s$seed
+    flags=(--set "optim.seed=$seed")
+    IFS='|' read -ra parts <<< "$(row_flags "$row")"
+    for p in "${parts[@]}"; do [ -n "$p" ] && flags+=(--set "$p"); done
+    # student seeds (head initialisation) follow the run seed; the single-student rows
+    # set their one student after the others have been listed
+    flags+=(--set "students.0.seed=$((2 * seed))")
+    [ "$row" = cps ] || [ "$row" = seminar ] && flags+=(--set "students.1.seed=$((2 * seed + 1))")
+    echo "== $name $(date +%T)"
+    /usr/bin/time -f "$name wall %e s, cpu %U+%S s" .venv/bin/seminar train --in-process --config "$spec" \
+      --set "storage.run_name=$name" "${flags[@]}" "$@" 2>&1 | tr '\r' '\n' | grep -v "^train:" \
+      > "runs/camvid/$name.log" || echo "$name failed"
+    tail -1 "runs/camvid/$name.log"
+  done
+done

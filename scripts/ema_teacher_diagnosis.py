@@ -3,7 +3,7 @@ teacher as trained, with the student's BatchNorm buffers, and with BatchNorm sta
 recalibrated on training images. Weights fine but statistics off shows as the last two
 far above the first (docs/results.md, "EMA warm-up").
 
-    .venv/bin/python scripts/ema_teacher_diagnosis.py deeplabv3plus_mobilenetv2 100 --set method.ema_warmup_power=1
+    .venv/bin/python scripts/ema_teacher_diagnosis.py deeplabv3plus_mobilenetv2 100 --set method.ema_warmup_steps=0
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
     matrices = evaluate({"student": student, "teacher": teacher, "teacher + student's BatchNorm buffers": with_student_bn,
                          "teacher, BatchNorm recalibrated": recalibrated}, val_set, views, num_classes,
                         WorkerContext(students=[]))
-    print(f"{args.model}, {args.steps} steps, ema_warmup_power={cfg.method.ema_warmup_power:.3g}: val mIoU")
+    print(f"{args.model}, {args.steps} steps, ema_warmup_steps={cfg.method.ema_warmup_steps}: val mIoU")
     for name, cm in matrices.items():
         print(f"  {name:<40} {cm.miou():.3f}")
     gaps = sorted(((float((state["teacher"][k] / state["student"][k]).log().abs().mean()), k)

@@ -5,6 +5,7 @@
     student_<k>/teacher.pt         its EMA teacher's state dict
     student_<k>/optimizer.pt       optimizer (and LR schedule) state
     student_<k>/state.json         the step this student's files belong to
+    student_<k>/look_ahead.pt      the teacher's prediction of the next batch (for an exact resume)
 
 Everything loads with `torch.load(..., weights_only=True)`. In a distributed run each
 worker writes only the students it owns; the directories merge into one checkpoint.
@@ -25,6 +26,9 @@ from .config import TrainConfig
 from .data.base import DatasetInfo
 
 META = "meta.json"
+# The teacher predictions of the next step's batch, made before the checkpoint's last EMA
+# update: a resumed run starts from them and continues with the same numbers.
+LOOK_AHEAD = "look_ahead.pt"
 
 
 def student_dir(k: int) -> str:
@@ -33,19 +37,24 @@ def student_dir(k: int) -> str:
 
 
 def write_student(directory: str | Path, k: int, step: int, student: nn.Module, teacher: nn.Module,
-                  optimizer_state: dict) -> None:
+                  optimizer_state: dict, look_ahead: dict[str, torch.Tensor] | None = None) -> None:
     d = Path(directory) / student_dir(k)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(student.state_dict(), d / "student.pt")
     torch.save(teacher.state_dict(), d / "teacher.pt")
     torch.save(optimizer_state, d / "optimizer.pt")
+    if look_ahead:
+        torch.save(look_ahead, d / LOOK_AHEAD)
     (d / "state.json").write_text(json.dumps({"step": step}))
 
 
 def write_meta(directory: str | Path, cfg: TrainConfig, info: DatasetInfo, step: int,
-               metrics: dict[str, float]) -> None:
+               metrics: dict[str, float], served: str | None = None) -> None:
     meta = {
         "step": step,
+        # the network method.inference resolved to (teacher_<k>, teacher_ensemble, primary_student)
+        # at this checkpoint's evaluation; None before any evaluation
+        "served": served,
         "spec": cfg.model_dump(mode="json"),
         "classes": list(info.classes),
         "palette": [list(c) for c in info.palette],
@@ -59,6 +68,15 @@ def write_meta(directory: str | Path, cfg: TrainConfig, info: DatasetInfo, step:
     (Path(directory) / META).write_text(json.dumps(meta, indent=1))
 
 
+def update_meta(directory: str | Path, **fields) -> None:
+    """Change fields of a local checkpoint's meta.json (the Ray driver names the served
+    network once it has every worker's metrics)."""
+    path = Path(directory) / META
+    meta = json.loads(path.read_text())
+    meta.update(fields)
+    path.write_text(json.dumps(meta, indent=1))
+
+
 def read_student(directory: str | Path, k: int) -> dict:
     """Everything of student k that a resumed run needs."""
     d = Path(directory) / student_dir(k)
@@ -66,6 +84,7 @@ def read_student(directory: str | Path, k: int) -> dict:
         raise FileNotFoundError(f"checkpoint {directory} has no {student_dir(k)}/")
     load = lambda name: torch.load(d / name, map_location="cpu", weights_only=True)  # noqa: E731
     return {"student": load("student.pt"), "teacher": load("teacher.pt"), "optimizer": load("optimizer.pt"),
+            "look_ahead": load(LOOK_AHEAD) if (d / LOOK_AHEAD).is_file() else None,
             "step": json.loads((d / "state.json").read_text())["step"]}
 
 

@@ -53,23 +53,18 @@ def train(
         result = run_in_process(cfg, console) if in_process else _train_on_ray(cfg, address)
     except (ClickFileError, DatasetError, SpecError, FileNotFoundError) as e:
         fail(str(e))
-    meta_classes = _classes_of(result.checkpoint)
-    console.print(summary_table(result.metrics, meta_classes, cfg.num_students))
-    console.print(f"mIoU {result.metrics.get('val/miou', float('nan')):.4f} (served model, {cfg.data.dataset} "
-                  f"{cfg.data.val_split}, clicks: {_click_source(result.checkpoint)})")
+    from .checkpoint import read_meta
+
+    meta = read_meta(result.checkpoint)
+    console.print(summary_table(result.metrics, meta["classes"], cfg.num_students))
+    why = {"best_teacher": "the best val mIoU among the teachers and their ensemble"}.get(
+        cfg.method.inference, f"method.inference={cfg.method.inference}")
+    console.print(f"mIoU {result.metrics.get('val/miou', float('nan')):.4f} (served model: {meta.get('served')}, "
+                  f"{why}; {cfg.data.dataset} {cfg.data.val_split}, clicks: {meta['click_source']})")
+    if "data/click_purity" in result.metrics:
+        console.print(f"click purity {result.metrics['data/click_purity']:.1%} of click-disk pixels on their own "
+                      f"class (training images with masks)")
     console.print(f"checkpoint: {result.checkpoint}", soft_wrap=True)
-
-
-def _classes_of(uri: str) -> list[str]:
-    from .checkpoint import read_meta
-
-    return read_meta(uri)["classes"]
-
-
-def _click_source(uri: str) -> str:
-    from .checkpoint import read_meta
-
-    return read_meta(uri)["click_source"]
 
 
 @app.command()
@@ -78,7 +73,7 @@ def evaluate(
     data: Optional[Path] = typer.Option(None, "--data", help="a spec whose data section to evaluate on; default: the checkpoint's"),
     overrides: list[str] = typer.Option([], "--set", "-s", help="override a data field: data.key=value"),
     split: Optional[str] = typer.Option(None, "--split", help="default: the spec's val split"),
-    which: Optional[str] = typer.Option(None, "--which", help="primary_teacher | primary_student | teacher_ensemble"),
+    which: Optional[str] = typer.Option(None, "--which", help="best_teacher | primary_teacher | primary_student | teacher_ensemble"),
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG of image | clicks | prediction | ground truth"),
     samples: int = typer.Option(4, "--samples", help="rows in the grid"),
 ) -> None:

@@ -92,9 +92,28 @@ class StudentConfig(Strict):
     model: str = "deeplabv3plus_resnet18"
     output_stride: Literal[8, 16] = 16
     decoder_channels: int = Field(256, ge=16, le=1024, description="ASPP/decoder width (smaller = faster on CPU)")
-    pretrained: str | None = Field(None, description="torchvision ImageNet weights file for the backbone")
+    pretrained: str | None = Field(None, description="'imagenet' (the weights the package ships, for "
+                                   "deeplabv3plus_efficientnet_lite0) or a torchvision ImageNet weights file")
     seed: int = 0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v):
+        from seminar.models import MODEL_NAMES
+
+        if v not in MODEL_NAMES:
+            raise ValueError(f"unknown model {v!r}; known models: {', '.join(MODEL_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _packaged_weights(self):
+        from seminar.models import IMAGENET, MODEL_PREFIX, PACKAGED_WEIGHTS
+
+        if self.pretrained == IMAGENET and self.model.removeprefix(MODEL_PREFIX) not in PACKAGED_WEIGHTS:
+            raise ValueError(f"pretrained: imagenet ships only for "
+                             f"{', '.join(MODEL_PREFIX + b for b in PACKAGED_WEIGHTS)}; for {self.model} name a file")
+        return self
 
 
 def _default_students() -> list[StudentConfig]:
@@ -108,19 +127,26 @@ def _default_students() -> list[StudentConfig]:
 
 class MethodConfig(Strict):
     supervision: Literal["clicks", "dense"] = "clicks"
+    sup_norm: Literal["image_class", "pixel"] = Field(
+        "image_class", description="loss_sup on clicks: each (image, class) weighs the same, or each clicked pixel")
     ema_decay: float = Field(0.99, ge=0, lt=1)
-    ema_warmup_power: float = Field(
-        2 / 3, gt=0, le=1, description="teacher decay at step t: min(ema_decay, 1 - (1+t)^-power); 1 = mean "
-        "teacher's uniform average from step 0; below 1 the first, fast-moving steps fade sooner (timm's warm-up)")
+    ema_warmup_steps: int = Field(
+        100, ge=0, description="the teacher's decay climbs linearly from 0 to ema_decay over these steps")
     w_ts: float = Field(1.0, ge=0, le=100, description="weight of the teacher-student consistency loss")
     w_ss: float = Field(1.0, ge=0, le=100, description="weight of the student-student pseudo-label loss")
-    ts_loss: Literal["mse", "kl"] = "mse"
-    tau: float = Field(0.7, ge=0, le=1, description="fused confidence below which a pseudo-label is ignored")
+    ts_loss: Literal["kl", "mse"] = Field(
+        "kl", description="kl gives loss_ts a gradient comparable to loss_sup's; mse ~15x smaller")
+    tau: float = Field(0.8, ge=0, le=1, description="fused confidence from which a pseudo-label is kept")
+    ss_class_fraction: float = Field(
+        0.0, ge=0, le=1, description="also keep each predicted class's most confident fraction of pixels "
+        "below tau (0 = the fixed tau only)")
     ss_start: int = Field(50, ge=0, description="step at which loss_ss starts ramping up")
     rampup_steps: int = Field(100, ge=0, description="length L of the sigmoid ramp-up")
     pseudo_from: Literal["teacher", "student"] = Field(
         "teacher", description="whose predictions peers exchange; 'student' is the CPS-like baseline")
-    inference: Literal["primary_teacher", "primary_student", "teacher_ensemble"] = "primary_teacher"
+    inference: Literal["best_teacher", "primary_teacher", "primary_student", "teacher_ensemble"] = Field(
+        "best_teacher", description="the served network; best_teacher = the teacher or teachers' ensemble "
+        "with the highest val mIoU at the last evaluation")
 
 
 class OptimConfig(Strict):

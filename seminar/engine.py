@@ -30,6 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint
 from .config import TrainConfig
 from .data import build_dataset
+from .data.base import IGNORE_INDEX
+from .data.inspect import dataset_click_purity
 from .data.transforms import SeminarViews
 from .exchange import CompactPrediction, Exchange
 from .method import EmaTeacher, fuse_pseudo_labels, student_losses
@@ -65,7 +67,7 @@ def build_student(cfg: TrainConfig, k: int, num_classes: int, ctx: WorkerContext
     spec = cfg.students[k]
     torch.manual_seed(spec.seed)  # same initial weights for student k wherever it runs
     net = build_model(spec.model, num_classes, spec.output_stride, spec.pretrained, spec.decoder_channels).to(ctx.device)
-    teacher = EmaTeacher(net)
+    teacher = EmaTeacher(net, cfg.method.ema_decay, cfg.method.ema_warmup_steps)
     model = net
     if ctx.process_group is not None and dist.get_world_size(ctx.process_group) > 1:
         model = DistributedDataParallel(net, process_group=ctx.process_group)
@@ -165,8 +167,17 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
     views = SeminarViews(cfg.data.crop_size, cfg.data.scale_range, cfg.data.click_radius,
                          [s.augment for s in cfg.students], seed=optim.seed)
     students = {k: build_student(cfg, k, info.num_classes, ctx) for k in ctx.students}
+    # Click purity as training draws the clicks, where the training images have masks: in
+    # every report, so the log says how clean the supervision is.
+    data_metrics: dict[str, float] = {}
+    if 0 in students and ctx.replica == 0:
+        purity = dataset_click_purity(train_set, cfg.data.click_radius)
+        if purity.drawn:
+            data_metrics = {"data/click_purity": purity.overall,
+                            **{f"data/click_purity/{c}": v for c, v in purity.per_class().items()}}
 
     start = 0
+    saved_look_ahead: dict[int, dict] = {}
     if resume_from:
         for k, s in students.items():
             state = checkpoint.read_student(resume_from, k)
@@ -175,12 +186,16 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             s.optimizer.load_state_dict(state["optimizer"]["optimizer"])
             s.scheduler.load_state_dict(state["optimizer"]["scheduler"])
             start = state["step"]
+            if state["look_ahead"] is not None:
+                saved_look_ahead[k] = state["look_ahead"]
     if start >= optim.steps:
         return {}  # the run had already finished
 
     # Exchanging labels only makes sense with peers and a student-student loss.
     use_exchange = exchange is not None and cfg.num_students > 1 and method.w_ss > 0
     need_teacher_probs = method.w_ts > 0
+
+    published: dict[int, CompactPrediction] = {}  # the latest look-ahead, kept for checkpoints
 
     def look_ahead(step: int, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Teacher probabilities of `batch` for the hosted students; publish them to peers."""
@@ -198,17 +213,30 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
                     with torch.no_grad():
                         source = s.net(weak).softmax(1)
                     s.net.train()
-                exchange.publish(step, k, CompactPrediction.from_probs(source))
+                published[k] = CompactPrediction.from_probs(source)
+                exchange.publish(step, k, published[k])
         return teacher_probs
 
-    # A resumed run predicts its first batch with the checkpoint's teacher, one EMA update
-    # fresher than the look-ahead of an uninterrupted run would have used; every other
-    # number (data, augmentation, dropout, weights) continues exactly.
+    def restore_look_ahead(step: int) -> dict[int, torch.Tensor]:
+        """The look-ahead of `step` as the interrupted run made it (one EMA update older
+        than the checkpoint's teacher): a resumed run continues with the same numbers."""
+        teacher_probs = {}
+        for k, saved in saved_look_ahead.items():
+            if "teacher_probs" in saved:
+                teacher_probs[k] = saved["teacher_probs"].to(ctx.device)
+            if use_exchange:
+                published[k] = CompactPrediction(saved["label"].numpy(), saved["confidence"].numpy())
+                exchange.publish(step, k, published[k])
+        return teacher_probs
+
+    # A resumed run takes its first batch's teacher predictions from the checkpoint (made
+    # before its last EMA update, as an uninterrupted run would have them), so every number
+    # (data, augmentation, dropout, pseudo-labels, weights) continues exactly.
     stream = iterate_batches(
         StepBatches(train_set, views, ctx.students, optim.batch_size, ctx.replica, ctx.num_replicas,
                     optim.seed, start, optim.steps), cfg.resources.loader_workers)
     batch = _to_device(next(iter_ := iter(stream)), ctx.device)
-    teacher_probs = look_ahead(start, batch)
+    teacher_probs = restore_look_ahead(start) if len(saved_look_ahead) == len(students) else look_ahead(start, batch)
 
     sums: dict[str, float] = defaultdict(float)
     counted = 0
@@ -227,7 +255,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
                 t_wait = time.perf_counter()
                 peers = exchange.collect(step, k)
                 wait = time.perf_counter() - t_wait
-                pseudo_label, _ = fuse_pseudo_labels(peers, info.num_classes, method.tau,
+                pseudo_label, _ = fuse_pseudo_labels(peers, method, info.num_classes,
                                                      batch["click_map"], batch["valid"])
             # 3. train the student on its strong view. Dropout's randomness is keyed by
             # (student, replica, step), so a run gives the same numbers in one process, on a
@@ -240,13 +268,12 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             losses["loss"].backward()
             s.optimizer.step()
             s.scheduler.step()
-            s.teacher.update(s.net, step, method.ema_decay, method.ema_warmup_power)
+            s.teacher.update(s.net, step)
 
             for name, value in losses.items():
                 sums[f"s{k}/{name}"] += value.item()
-            if pseudo_label is not None:
-                labelled = (pseudo_label != 255) & batch["valid"]
-                sums[f"s{k}/pseudo_frac"] += float(labelled.sum() / batch["valid"].sum().clamp(min=1))
+            for name, value in instruments(batch, logits, pseudo_label).items():
+                sums[f"s{k}/{name}"] += value
             sums[f"s{k}/exchange_wait"] += wait
 
         step_time = time.perf_counter() - t0
@@ -265,7 +292,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
         is_ckpt = done % cfg.schedule.checkpoint_every == 0 or done == optim.steps
         if done % cfg.schedule.log_every == 0 or is_eval or is_ckpt:
             last = {name: value / counted for name, value in sums.items()}
-            last.update(step=done, epoch=done * optim.batch_size / len(train_set))
+            last.update(step=done, epoch=done * optim.batch_size / len(train_set), **data_metrics)
             sums.clear()
             counted = 0
             if is_eval:
@@ -273,7 +300,8 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             if is_ckpt:
                 directory = tempfile.mkdtemp(prefix="seminar-ckpt-")
                 try:
-                    write_checkpoint(directory, cfg, students, info, done, last, ctx)
+                    write_checkpoint(directory, cfg, students, info, done, last, ctx,
+                                     look_ahead_state(teacher_probs, published))
                     report(dict(last), directory)
                 finally:
                     shutil.rmtree(directory, ignore_errors=True)
@@ -282,30 +310,115 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
     return last
 
 
+@torch.no_grad()
+def instruments(batch: dict[str, torch.Tensor], logits: torch.Tensor,
+                pseudo_label: torch.Tensor | None) -> dict[str, float]:
+    """What a student's step did on the unclicked valid pixels: `pseudo_frac`, the share the
+    pseudo-label covers; and where the training images have ground-truth masks, the
+    `diag_*` accuracies of the pseudo-label and of the student there. The masks are read
+    for these diagnostics only, never for training."""
+    unclicked = (batch["click_map"] == IGNORE_INDEX) & batch["valid"]
+    mask = batch["mask"]
+    known = unclicked & (mask != IGNORE_INDEX)
+    out = {}
+    if known.any():
+        out["diag_student_acc"] = float((logits.argmax(1)[known] == mask[known]).float().mean())
+    if pseudo_label is not None:
+        covered = pseudo_label != IGNORE_INDEX
+        out["pseudo_frac"] = float(covered.sum() / unclicked.sum().clamp(min=1))
+        checked = covered & known
+        if checked.any():
+            out["diag_pseudo_acc"] = float((pseudo_label[checked] == mask[checked]).float().mean())
+    return out
+
+
+class TeacherEnsemble(nn.Module):
+    """The mean of several teachers' probabilities (as log-probabilities, so argmax and
+    softmax downstream see what the served ensemble answers)."""
+
+    def __init__(self, teachers: list[nn.Module]):
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t(x).softmax(1) for t in self.teachers]).mean(0).log()
+
+
 def validate(cfg: TrainConfig, students: dict[int, Student], val_set, views: SeminarViews, num_classes: int,
              ctx: WorkerContext) -> dict[str, float]:
+    """Every hosted student's and teacher's val mIoU and per-class IoU (and, with every
+    student here, their teachers' ensemble's); then the served network's as `val/...`."""
     models = {}
     for k, s in students.items():
         models[f"s{k}/val_miou_student"] = s.net
         models[f"s{k}/val_miou_teacher"] = s.teacher
-    matrices = evaluate(models, val_set, views, num_classes, ctx)
-    out = {name: cm.miou() for name, cm in matrices.items()}
-    if 0 in students:  # the served model: the primary's teacher, or the primary student
-        served = "s0/val_miou_student" if cfg.method.inference == "primary_student" else "s0/val_miou_teacher"
-        out["val/miou"] = out[served]
-        out.update({f"val/iou/{i}": v for i, v in enumerate(matrices[served].iou().tolist())})
+    if len(students) == cfg.num_students > 1:
+        models["val_miou_teacher_ensemble"] = TeacherEnsemble([s.teacher for s in students.values()])
+    out = {}
+    for name, cm in evaluate(models, val_set, views, num_classes, ctx).items():
+        out[name] = cm.miou()
+        out.update({f"{name}/iou/{i}": v for i, v in enumerate(cm.iou().tolist())})
+    if 0 in students:
+        choose_served(cfg, out)
     return out
 
 
+def choose_served(cfg: TrainConfig, metrics: dict[str, float]) -> str:
+    """Pick the served network from evaluated metrics (see `served_network`), copy its mIoU and
+    per-class IoU to `val/miou` and `val/iou/<c>` in `metrics`, and return its name."""
+    served = served_network(cfg, metrics)
+    prefix = served_metric(served)
+    metrics["val/miou"] = metrics[prefix]
+    for key in [k for k in metrics if k.startswith(prefix + "/iou/")]:
+        metrics["val/iou/" + key.rsplit("/", 1)[1]] = metrics[key]
+    return served
+
+
+def served_metric(network: str) -> str:
+    """The metric that scores a served network (`teacher_<k>`, `teacher_ensemble`, `primary_student`)."""
+    if network == "primary_student":
+        return "s0/val_miou_student"
+    if network == "teacher_ensemble":
+        return "val_miou_teacher_ensemble"
+    return f"s{network.removeprefix('teacher_')}/val_miou_teacher"
+
+
+def served_network(cfg: TrainConfig, metrics: dict[str, float]) -> str:
+    """Which network a checkpoint serves: `teacher_<k>`, `teacher_ensemble` or `primary_student`.
+
+    `best_teacher` takes the teacher, or the teachers' ensemble, with the highest val mIoU
+    among those this worker evaluated (all of them in one process; on Ray, rank 0's)."""
+    choice = cfg.method.inference
+    if choice != "best_teacher":
+        return "teacher_0" if choice == "primary_teacher" else choice
+    candidates = [f"teacher_{k}" for k in range(cfg.num_students)] + ["teacher_ensemble"]
+    scored = [c for c in candidates if served_metric(c) in metrics]
+    return max(scored, key=lambda c: metrics[served_metric(c)]) if scored else "teacher_0"
+
+
+def look_ahead_state(teacher_probs: dict[int, torch.Tensor] | None,
+                     published: dict[int, CompactPrediction]) -> dict[int, dict[str, torch.Tensor]]:
+    """What the look-ahead made for the next step, per student, as tensors for a checkpoint."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, probs in (teacher_probs or {}).items():
+        state.setdefault(k, {})["teacher_probs"] = probs.cpu()
+    for k, pred in published.items():
+        state.setdefault(k, {}).update(label=torch.from_numpy(pred.label), confidence=torch.from_numpy(pred.confidence))
+    return state
+
+
 def write_checkpoint(directory: str, cfg: TrainConfig, students: dict[int, Student], info, step: int,
-                     metrics: dict[str, float], ctx: WorkerContext) -> None:
+                     metrics: dict[str, float], ctx: WorkerContext,
+                     look_ahead: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
     if ctx.replica != 0:
         return  # replicas hold identical weights; replica 0 writes them
     for k, s in students.items():
         checkpoint.write_student(directory, k, step, s.net, s.teacher.module,
-                                 {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()})
+                                 {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()},
+                                 (look_ahead or {}).get(k))
     if 0 in students:
-        checkpoint.write_meta(directory, cfg, info, step, metrics)
+        served = served_network(cfg, metrics) if "val/miou" in metrics else None
+        checkpoint.write_meta(directory, cfg, info, step, metrics, served)
 
 
 def write_initial_checkpoint(directory: str, cfg: TrainConfig, metrics: dict[str, float] | None = None) -> str:

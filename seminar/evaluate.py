@@ -11,7 +11,6 @@ import torch
 from .config import DataConfig
 from .data import build_dataset
 from .data.base import IGNORE_INDEX
-from .data.transforms import normalize
 from .metrics import ConfusionMatrix
 from .predict import Segmenter
 
@@ -34,11 +33,13 @@ def evaluate_checkpoint(segmenter: Segmenter, data: DataConfig, split: str) -> E
     matrix = ConfusionMatrix(len(segmenter.classes))
     scored = 0
     for i in range(len(dataset)):
-        sample = dataset[i]
+        # The original image and mask: scored is what the endpoint answers for this photo
+        # (resized to the model's scale, predicted, brought back to the photo's size).
+        sample = dataset.load(i)
         if sample.mask is None:
             continue  # no ground truth (e.g. a detection-only VOC image)
-        probs = segmenter.predict_probs(normalize(sample.image).unsqueeze(0))
-        matrix.update(torch.from_numpy(sample.mask.astype(np.int64)), probs.argmax(1)[0].cpu())
+        label, _ = segmenter.segment(sample.image)
+        matrix.update(torch.from_numpy(sample.mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
         scored += 1
     return Evaluation(matrix, segmenter.classes, data.dataset, split, dataset.info.click_source, scored)
 
@@ -61,8 +62,11 @@ def save_grid(segmenter: Segmenter, data: DataConfig, split: str, path: str | Pa
     count = min(count, len(dataset))
     fig, axes = plt.subplots(count, 4, figsize=(12, 3 * count), squeeze=False)
     for row, i in enumerate(np.linspace(0, len(dataset) - 1, count).astype(int)):
-        sample = dataset[int(i)]
+        sample = dataset.load(int(i))  # the original photo, as the endpoint would get it
         label, _ = segmenter.segment(sample.image)
+        # its clicks as training drew them (at data.load_scale), back in original pixels
+        clicks = dataset[int(i)].clicks.copy()
+        clicks[:, :2] = (clicks[:, :2] + 0.5) / data.load_scale - 0.5
         panels = [("image", sample.image), ("clicks", sample.image),
                   ("prediction", colorize(label, segmenter.palette)),
                   ("ground truth", colorize(sample.mask, segmenter.palette) if sample.mask is not None
@@ -72,9 +76,9 @@ def save_grid(segmenter: Segmenter, data: DataConfig, split: str, path: str | Pa
             ax.imshow(picture)
             ax.set_axis_off()
             ax.set_title(f"{sample.image_id}: {title}" if col == 0 else title, fontsize=8)
-        if len(sample.clicks):
-            colours = np.array(segmenter.palette)[sample.clicks[:, 2].astype(int)] / 255.0
-            axes[row, 1].scatter(sample.clicks[:, 0], sample.clicks[:, 1], c=colours, s=40, edgecolors="white")
+        if len(clicks):
+            colours = np.array(segmenter.palette)[clicks[:, 2].astype(int)] / 255.0
+            axes[row, 1].scatter(clicks[:, 0], clicks[:, 1], c=colours, s=40, edgecolors="white")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,13 @@ For student k at step t:
 
     loss = loss_sup + w_ts·ramp(t)·loss_ts + w_ss·ramp(t − ss_start)·loss_ss
 
-- `loss_sup`: partial cross-entropy on clicked pixels (dense masks for full supervision);
+- `loss_sup`: partial cross-entropy on clicked pixels, each (image, class) weighing the
+              same or each pixel (`sup_norm`); dense masks for full supervision;
 - `loss_ts`:  consistency between the student on its strong view and its own EMA teacher
-              on the weak view, on unclicked valid pixels (`mse` or `kl`);
+              on the weak view, on unclicked valid pixels (`kl` or `mse`);
 - `loss_ss`:  cross-entropy against the heterogeneous pseudo-label fused from the peers'
-              predictions (thresholded at `tau`, clicked pixels overwritten).
+              predictions on unclicked pixels (thresholded at `tau` or per class), divided
+              by all unclicked valid pixels, so a sparse pseudo-label gives a small loss.
 """
 
 from __future__ import annotations
@@ -36,26 +38,28 @@ def sigmoid_rampup(step: int, length: int) -> float:
 
 class EmaTeacher(nn.Module):
     """An exponential moving average of a student's whole state dict: parameters and
-    buffers (BatchNorm running statistics too), in the spirit of timm's ModelEmaV3.
-    Never trained, never wrapped in DDP."""
+    buffers (BatchNorm running statistics too), in the spirit of timm's ModelEmaV3: the
+    teacher owns its decay and warm-up. Never trained, never wrapped in DDP."""
 
-    def __init__(self, student: nn.Module):
+    def __init__(self, student: nn.Module, ema_decay: float, warmup_steps: int):
         super().__init__()
         self.module = copy.deepcopy(student).eval()
         self.module.requires_grad_(False)
+        self.ema_decay, self.warmup_steps = ema_decay, warmup_steps
 
-    @staticmethod
-    def decay_at(step: int, ema_decay: float, warmup_power: float) -> float:
-        # Warm-up: early teachers follow the student closely instead of averaging noise.
-        # With power 1 (mean teacher's) the teacher is the uniform average of every step
-        # so far, random init included, until the decay reaches ema_decay; from scratch,
-        # averaged BatchNorm statistics from those first steps broke a MobileNetV2 teacher
-        # (docs/results.md). timm's 2/3 lets them fade sooner.
-        return min(ema_decay, 1.0 - (1.0 + step) ** -warmup_power)
+    def decay_at(self, step: int) -> float:
+        # Warm-up measured in steps: the decay climbs linearly from 0 to ema_decay at
+        # `warmup_steps`, so early teachers follow their fast-moving students (averaged
+        # BatchNorm statistics of the first steps broke a from-scratch teacher) and any run
+        # longer than the warm-up has the teacher `ema_decay` asks for. (The power warm-up
+        # 1-(1+t)^-2/3 kept every decay above 0.99 inert for 1,000 steps.)
+        if step >= self.warmup_steps:
+            return self.ema_decay
+        return self.ema_decay * step / self.warmup_steps
 
     @torch.no_grad()
-    def update(self, student: nn.Module, step: int, ema_decay: float, warmup_power: float) -> None:
-        decay = self.decay_at(step, ema_decay, warmup_power)
+    def update(self, student: nn.Module, step: int) -> None:
+        decay = self.decay_at(step)
         for t, s in zip(self.module.state_dict().values(), student.state_dict().values()):
             if t.dtype.is_floating_point:
                 t.lerp_(s.detach(), 1.0 - decay)
@@ -66,15 +70,28 @@ class EmaTeacher(nn.Module):
         return self.module(x)
 
 
-def fuse_pseudo_labels(peers: list[CompactPrediction], num_classes: int, tau: float,
+def class_thresholds(label: torch.Tensor, confidence: torch.Tensor, region: torch.Tensor, num_classes: int,
+                     keep_fraction: float) -> torch.Tensor:
+    """Per predicted class, the confidence above which its most confident `keep_fraction` of
+    the pixels in `region` lie: float [num_classes] (1.0 for classes not predicted there).
+    Rare and hard classes keep some pseudo-labels although they never reach a fixed tau."""
+    thresholds = torch.ones(num_classes)
+    label, confidence = label[region], confidence[region].float()
+    for c in label.unique().tolist():
+        thresholds[c] = torch.quantile(confidence[label == c], 1.0 - keep_fraction)
+    return thresholds
+
+
+def fuse_pseudo_labels(peers: list[CompactPrediction], cfg: MethodConfig, num_classes: int,
                        click_map: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The heterogeneous pseudo-label of one student from its peers' predictions.
 
     A confidence-weighted vote: each peer adds its confidence to the class it predicts;
     the fused confidence is the winning class's total divided by the number of peers (so
-    disagreement lowers it). Pixels below `tau` or outside the image are ignored, and
-    clicked pixels take their click class. Returns (pseudo_label int64 [B,H,W],
-    fused_confidence float [B,H,W]).
+    disagreement lowers it). Only unclicked valid pixels get one (clicks stay in
+    `loss_sup`), and only where the fused confidence reaches `tau`, or, with
+    `ss_class_fraction`, where it is among its class's most confident fraction. Returns
+    (pseudo_label int64 [B,H,W], 255 elsewhere; fused_confidence float [B,H,W]).
     """
     device = click_map.device
     label0 = torch.from_numpy(peers[0].label)
@@ -85,16 +102,34 @@ def fuse_pseudo_labels(peers: list[CompactPrediction], num_classes: int, tau: fl
         score.scatter_add_(1, label, conf)
     fused_conf, fused_label = (score / len(peers)).max(dim=1)
     fused_conf, fused_label = fused_conf.to(device), fused_label.to(device)
-    pseudo = torch.where((fused_conf >= tau) & valid, fused_label, IGNORE_INDEX)
-    pseudo = torch.where(click_map != IGNORE_INDEX, click_map, pseudo)
+    region = (click_map == IGNORE_INDEX) & valid
+    threshold = torch.full_like(fused_conf, cfg.tau)
+    if cfg.ss_class_fraction > 0 and region.any():
+        per_class = class_thresholds(fused_label.cpu(), fused_conf.cpu(), region.cpu(), num_classes,
+                                     cfg.ss_class_fraction).to(device)
+        threshold = torch.minimum(threshold, per_class[fused_label])
+    pseudo = torch.where((fused_conf >= threshold) & region, fused_label, IGNORE_INDEX)
     return pseudo, fused_conf
 
 
-def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the labelled pixels only; 0 (with a graph) when there are none."""
-    if not (target != IGNORE_INDEX).any():
+def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, per_image_class: bool = False) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels only; 0 (with a graph) when there are none.
+
+    `per_image_class`: every (image, class) with labelled pixels weighs the same, however
+    many pixels it has (one small click of a thin pole must not be outvoted by the many
+    disks of a broken-up fence, nor a whole road by nothing)."""
+    labelled = target != IGNORE_INDEX
+    if not labelled.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    if not per_image_class:
+        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    per_pixel = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")[labelled]
+    image = torch.arange(target.shape[0], device=target.device).view(-1, 1, 1).expand_as(target)[labelled]
+    group = image * logits.shape[1] + target[labelled]
+    sums = torch.zeros(target.shape[0] * logits.shape[1], device=logits.device).index_add_(0, group, per_pixel)
+    counts = torch.bincount(group, minlength=sums.numel())
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
 
 
 def consistency_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, pixels: torch.Tensor,
@@ -109,21 +144,32 @@ def consistency_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, 
     return per_pixel[pixels].mean()
 
 
+def pseudo_label_loss(logits: torch.Tensor, pseudo_label: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the pseudo-label, summed over its pixels and divided by all the
+    unclicked valid pixels (`region`): a pseudo-label covering 2% of them gives ~2% of the loss
+    a full one would, instead of the weight of a dense label."""
+    per_pixel = F.cross_entropy(logits, pseudo_label, ignore_index=IGNORE_INDEX, reduction="none")
+    return per_pixel.sum() / region.sum().clamp(min=1)
+
+
 def student_losses(cfg: MethodConfig, step: int, logits: torch.Tensor, batch: dict[str, torch.Tensor],
                    teacher_probs: torch.Tensor | None, pseudo_label: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """All losses of one student for one step; `loss` is the weighted total to minimise."""
     click_map, valid = batch["click_map"], batch["valid"]
-    target = batch["mask"] if cfg.supervision == "dense" else click_map
-    loss_sup = partial_cross_entropy(logits, target)
+    unclicked = (click_map == IGNORE_INDEX) & valid
+    if cfg.supervision == "dense":
+        loss_sup = partial_cross_entropy(logits, batch["mask"])
+    else:
+        loss_sup = partial_cross_entropy(logits, click_map, per_image_class=cfg.sup_norm == "image_class")
     zero = logits.new_zeros(())
 
     loss_ts = zero
     if cfg.w_ts > 0 and teacher_probs is not None:
-        loss_ts = consistency_loss(logits, teacher_probs, (click_map == IGNORE_INDEX) & valid, cfg.ts_loss)
+        loss_ts = consistency_loss(logits, teacher_probs, unclicked, cfg.ts_loss)
 
     loss_ss = zero
     if cfg.w_ss > 0 and pseudo_label is not None:
-        loss_ss = partial_cross_entropy(logits, pseudo_label)
+        loss_ss = pseudo_label_loss(logits, pseudo_label, unclicked)
 
     ramp_ts = sigmoid_rampup(step, cfg.rampup_steps)
     ramp_ss = sigmoid_rampup(step - cfg.ss_start, cfg.rampup_steps)

@@ -4,24 +4,48 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
 from .config import TrainConfig
-from .data.transforms import normalize
+from .data.transforms import model_input
 from .models import build_model
 
-WHICH = ("primary_teacher", "primary_student", "teacher_ensemble")
+WHICH = ("best_teacher", "primary_teacher", "primary_student", "teacher_ensemble")
+
+
+def resolve_which(which: str, meta: dict) -> str:
+    """The network that answers for `which`: `teacher_<k>`, `teacher_ensemble` or
+    `primary_student`; best_teacher reads the checkpoint's choice (`served`, made by
+    validation mIoU when it was written)."""
+    if which == "best_teacher":
+        return meta.get("served") or "teacher_0"
+    return "teacher_0" if which == "primary_teacher" else which
+
+
+def _networks(served: str, num_students: int) -> tuple[list[int], str]:
+    """(students, 'teacher' or 'student') whose weights answer for a resolved network."""
+    if served == "teacher_ensemble":
+        return list(range(num_students)), "teacher"
+    if served == "primary_student":
+        return [0], "student"
+    return [int(served.removeprefix("teacher_"))], "teacher"
 
 
 class Segmenter:
-    """The served model: the primary student's EMA teacher by default (EMA weights
-    generalise better), the primary student, or the mean of all teachers' probabilities."""
+    """The served model: by default the teacher (or teachers' ensemble) that scored best on
+    validation when the checkpoint was written (EMA weights generalise better); or the
+    primary student's teacher, the primary student, or the mean of all teachers."""
 
     def __init__(self, models: list[nn.Module], meta: dict, which: str, device: str | torch.device = "cpu"):
         self.models = [m.to(device).eval() for m in models]
         self.meta = meta
         self.which = which
+        spec = TrainConfig.model_validate(meta["spec"])
+        # The model's own preprocessing: the scale it was trained and validated at, the long
+        # side bounded by the spec's serving.infer_size.
+        self.scale, self.max_long_side = spec.data.load_scale, spec.serving.infer_size
         self.device = torch.device(device)
         self.classes: list[str] = list(meta["classes"])
         self.palette: list[tuple[int, int, int]] = [tuple(c) for c in meta["palette"]]
@@ -39,8 +63,8 @@ class Segmenter:
         which = which or cfg.method.inference
         if which not in WHICH:
             raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-        ks = range(cfg.num_students) if which == "teacher_ensemble" else [0]
-        network = "student" if which == "primary_student" else "teacher"
+        which = resolve_which(which, meta)
+        ks, network = _networks(which, cfg.num_students)
         # Only the weights that answer (from S3, the optimizer state and the other students stay there).
         directory = checkpoint.local_copy(uri, [checkpoint.weights_file(k, network) for k in ks])
         models = []
@@ -60,8 +84,14 @@ class Segmenter:
             probs += m(images).softmax(1)
         return probs / len(self.models)
 
+    def model_input(self, image: np.ndarray, max_long_side: int | None = None) -> torch.Tensor:
+        """An original uint8 [H,W,3] RGB image as this model takes it: normalised [3,h,w]."""
+        return model_input(image, self.scale, max_long_side or self.max_long_side)
+
     def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [H,W,3] RGB -> (uint8 label map [H,W], float32 confidence [H,W])."""
-        probs = self.predict_probs(normalize(image).unsqueeze(0))[0]
+        """An original uint8 [H,W,3] RGB image -> (uint8 label map [H,W], float32 confidence
+        [H,W]) at its own size: what the endpoint answers."""
+        probs = self.predict_probs(self.model_input(image).unsqueeze(0))[0]
+        probs = F.interpolate(probs[None].float(), size=image.shape[:2], mode="bilinear", align_corners=False)[0]
         confidence, label = probs.max(0)
-        return label.to(torch.uint8).cpu().numpy(), confidence.float().cpu().numpy()
+        return label.to(torch.uint8).cpu().numpy(), confidence.cpu().numpy()

@@ -6,6 +6,7 @@ Ray driver (`cluster.trainer.run_training`) runs the same `train_worker` on a cl
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import time
@@ -20,6 +21,9 @@ from . import checkpoint, storage
 from .config import TrainConfig
 from .engine import WorkerContext, train_worker
 from .exchange import InProcessExchange
+
+# Every report of an in-process run, one JSON object a line, beside its checkpoints.
+HISTORY = "metrics.jsonl"
 
 
 def new_run_name() -> str:
@@ -71,7 +75,14 @@ def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResul
     bar = tqdm(total=cfg.optim.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     saved: list[str] = []
 
+    history = None if storage.is_s3(cfg.storage.path) else Path(cfg.storage.path) / cfg.storage.run_name / HISTORY
+    if history:
+        history.parent.mkdir(parents=True, exist_ok=True)
+
     def report(metrics: dict[str, float], directory: str | None) -> None:
+        if history:  # every report, one JSON line: the run's curves
+            with history.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
         bar.update(int(metrics["step"]) - bar.n)
         bar.set_postfix({f"s{k}": f"{metrics.get(f's{k}/loss', float('nan')):.3f}" for k in range(cfg.num_students)})
         if directory:
@@ -104,6 +115,8 @@ def summary_table(metrics: dict[str, float], classes: list[str], num_students: i
             value = metrics.get(f"s{k}/val_miou_{who}")
             if value is not None:
                 table.add_row(f"student {k} ({role}) {who}", f"{value:.3f}")
+    if "val_miou_teacher_ensemble" in metrics:
+        table.add_row("teachers' ensemble", f"{metrics['val_miou_teacher_ensemble']:.3f}")
     if "val/miou" in metrics:
         table.add_row("[bold]served model mIoU[/]", f"[bold]{metrics['val/miou']:.3f}[/]")
     return table

@@ -49,7 +49,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from seminar.config import ServingConfig
 from seminar.predict import Segmenter
-from serving.batching import PixelBudget, QueuedImage, batch_cost, model_input, predict_batch, restore_size
+from serving.batching import PixelBudget, QueuedImage, batch_cost, predict_batch, restore_size
 from serving.imaging import (
     RLE_CONVENTION,
     InputError,
@@ -77,7 +77,7 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="checkpoint dir, s3:// URI, or registry name <prefix>/<model>[/<version>]")
-    which: Literal["primary_teacher", "primary_student", "teacher_ensemble"] | None = Field(
+    which: Literal["best_teacher", "primary_teacher", "primary_student", "teacher_ensemble"] | None = Field(
         None, description="which network answers (default: the spec's method.inference)")
     registry: str | None = Field(None, description="registry for bare model names (default: $SEMINAR_REGISTRY)")
     serving: ServingConfig = Field(default_factory=ServingConfig)
@@ -151,7 +151,7 @@ class SegmentationService:
     def _prepare(self, data: bytes) -> tuple[np.ndarray, torch.Tensor]:
         image = decode_image(data, self.cfg.max_pixels)
         self.metrics.image(image.shape[1], image.shape[0])
-        return image, model_input(image, self.cfg.infer_size)
+        return image, self.segmenter.model_input(image, self.cfg.infer_size)
 
     def _answer(self, image: np.ndarray, probs: torch.Tensor, fmt: OutputFormat, alpha: float) -> Response:
         labels, confidence = restore_size(probs, *image.shape[:2])

@@ -1,8 +1,8 @@
 """Batching by pixels, not only by count: the way in (`model_input`), the batch, and the
 way back to each image's own size (`restore_size`).
 
-Every image is resized so its long side is `infer_size` (so landscape photos all share
-one shape), normalised, and queued. Serve's `@serve.batch` forms batches; its
+Every image is resized as the model takes it (`Segmenter.model_input`: its training scale,
+the long side at most `infer_size`), normalised, and queued. Serve's `@serve.batch` forms batches; its
 `batch_size_fn` prices a candidate batch with `PixelBudget.cost`, in *image slots*:
 
     cost = max(n, ceil(n * H_max * W_max * max_images / max_pixels))
@@ -26,27 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seminar.data.transforms import normalize
-
 # Upsample at most this many probability values at once when restoring a large image.
 RESTORE_CHUNK_VALUES = 32 * 2**20
-
-
-def model_input(image: np.ndarray, long_side: int) -> torch.Tensor:
-    """uint8 [H, W, 3] RGB -> normalised float [3, h, w], resized so that max(h, w) == long_side.
-
-    Resized in uint8 by torch's antialiased bilinear kernel (it widens its support when
-    shrinking, like Pillow's filter: at most 1 grey level from Pillow on a 500x281 VOC photo
-    shrunk to 250 or 320, and ~5x faster here).
-    """
-    height, width = image.shape[:2]
-    scale = long_side / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    if size != (height, width):
-        pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
-        resized = F.interpolate(pixels[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-        image = resized.permute(1, 2, 0).numpy()
-    return normalize(image)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def serve_command(
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="a fixed number of replicas (default: autoscale)"),
     min_replicas: Optional[int] = typer.Option(None, "--min-replicas", min=0, help="autoscaling lower bound"),
     max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1, help="autoscaling upper bound"),
-    which: Optional[str] = typer.Option(None, help="primary_teacher | primary_student | teacher_ensemble"),
+    which: Optional[str] = typer.Option(None, help="best_teacher | primary_teacher | primary_student | teacher_ensemble"),
     registry: Optional[str] = typer.Option(None, help="registry for bare model names (default: $SEMINAR_REGISTRY)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="a job spec whose serving: section to use"),
     overrides: list[str] = typer.Option([], "--set", "-s", help="a serving field: key=value (repeatable)"),

@@ -15,15 +15,14 @@ from seminar.metrics import ConfusionMatrix
 
 def test_ema_teacher_tracks_parameters_and_batchnorm_buffers():
     student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    teacher = EmaTeacher(student)
+    teacher = EmaTeacher(student, ema_decay=0.9, warmup_steps=10)
     student.train()
     student(torch.randn(8, 3, 8, 8) * 3 + 1)  # moves BatchNorm's running statistics
     with torch.no_grad():
         student[0].weight.add_(1.0)
     before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
-    step, ema_decay = 50, 0.9
-    teacher.update(student, step, ema_decay, 1.0)
-    d = EmaTeacher.decay_at(step, ema_decay, 1.0)
+    teacher.update(student, step=50)
+    d = teacher.decay_at(50)
     assert d == pytest.approx(0.9)
     for name, value in teacher.module.state_dict().items():
         s = student.state_dict()[name]
@@ -36,16 +35,17 @@ def test_ema_teacher_tracks_parameters_and_batchnorm_buffers():
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
-def test_ema_warmup_follows_the_student_early():
-    for power in (1.0, 2 / 3):
-        assert EmaTeacher.decay_at(0, 0.99, power) == 0.0  # first update copies the student
-        assert EmaTeacher.decay_at(10_000, 0.99, power) == 0.99
-    assert EmaTeacher.decay_at(9, 0.99, 1.0) == pytest.approx(0.9)  # mean teacher: 1 - 1/(t+1)
-    assert EmaTeacher.decay_at(7, 0.99, 2 / 3) == pytest.approx(0.75)  # timm: 1 - 8^(-2/3)
-    # The default forgets the first steps sooner: at step 99 a mean teacher still gives
-    # steps 0-9 a tenth of its weight.
-    assert load_spec(None, []).method.ema_warmup_power == pytest.approx(2 / 3)
-    assert EmaTeacher.decay_at(99, 0.99, 2 / 3) < EmaTeacher.decay_at(99, 0.99, 1.0)
+def test_ema_warmup_reaches_ema_decay_at_the_stated_step():
+    teacher = EmaTeacher(nn.Linear(1, 1), ema_decay=0.999, warmup_steps=200)
+    assert teacher.decay_at(0) == 0.0  # the first update copies the student
+    assert teacher.decay_at(100) == pytest.approx(0.4995)  # linear in steps
+    assert teacher.decay_at(199) < 0.999
+    assert teacher.decay_at(200) == teacher.decay_at(10_000) == 0.999
+    # Decays a sweep compares are different teachers from the warm-up on, in a short run too.
+    short = [EmaTeacher(nn.Linear(1, 1), d, 100).decay_at(150) for d in (0.99, 0.999)]
+    assert short == [0.99, 0.999]
+    assert load_spec(None, []).method.ema_warmup_steps == 100
+    assert EmaTeacher(nn.Linear(1, 1), 0.99, 0).decay_at(0) == 0.99  # no warm-up
 
 
 def test_sigmoid_rampup():
@@ -92,16 +92,83 @@ def _pred(labels, confs):
     return CompactPrediction(np.array(labels, np.uint8)[None], (np.array(confs) * 255).round().astype(np.uint8)[None])
 
 
-def test_fusion_votes_thresholds_and_overwrites_clicks():
+def test_fusion_votes_thresholds_and_leaves_clicks_to_loss_sup():
     # pixels: agree-confident, agree-unsure, disagree, clicked, outside the image
     a = _pred([[1, 1, 1, 2, 1]], [[0.9, 0.5, 0.9, 0.9, 0.9]])
     b = _pred([[1, 1, 2, 2, 1]], [[0.8, 0.5, 0.9, 0.9, 0.9]])
     click_map = torch.tensor([[[255, 255, 255, 0, 255]]])
     valid = torch.tensor([[[True, True, True, True, False]]])
-    pseudo, conf = fuse_pseudo_labels([a, b], num_classes=3, tau=0.7, click_map=click_map, valid=valid)
-    assert pseudo.tolist() == [[[1, 255, 255, 0, 255]]]
+    cfg = MethodConfig(tau=0.7, ss_class_fraction=0)
+    pseudo, conf = fuse_pseudo_labels([a, b], cfg, num_classes=3, click_map=click_map, valid=valid)
+    assert pseudo.tolist() == [[[1, 255, 255, 255, 255]]]  # the clicked pixel gets no pseudo-label
     assert conf[0, 0, 0].item() == pytest.approx((0.9 + 0.8) / 2, abs=1 / 255)
     assert conf[0, 0, 2].item() == pytest.approx(0.45, abs=1 / 255)  # a split vote halves the confidence
+
+
+def test_class_threshold_keeps_each_class_most_confident_fraction():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (2, 40, 50))
+    confs = rng.uniform(0.05, 0.6, (2, 40, 50))  # nothing reaches tau
+    labels[0, :, :10] = 1  # classes of very different sizes
+    click_map = torch.full((2, 40, 50), 255)
+    click_map[0, 5, 5] = 2
+    valid = torch.ones((2, 40, 50), dtype=torch.bool)
+    valid[1, 30:] = False
+    region = (click_map == 255) & valid
+    fraction = 0.3
+
+    def peer():
+        return CompactPrediction(labels.astype(np.uint8), (confs * 255).round().astype(np.uint8))
+
+    pseudo, _ = fuse_pseudo_labels([peer()], MethodConfig(tau=0.99, ss_class_fraction=fraction),
+                                   3, click_map, valid)
+    assert not (pseudo[~region] != 255).any()
+    for c in range(3):
+        predicted = (torch.from_numpy(labels) == c) & region
+        kept = (pseudo == c).sum() / predicted.sum()
+        assert kept.item() == pytest.approx(fraction, abs=0.01), c
+        # the kept ones are the most confident of their class
+        conf = torch.from_numpy(np.round(confs * 255) / 255)
+        assert conf[pseudo == c].min() >= conf[predicted & (pseudo != c)].max()
+    # a confident pixel is kept whatever its class's quantile
+    confs[1, 0, 0] = 1.0
+    pseudo, _ = fuse_pseudo_labels([peer()], MethodConfig(tau=0.9, ss_class_fraction=0.01),
+                                   3, click_map, valid)
+    assert pseudo[1, 0, 0] == labels[1, 0, 0]
+
+
+def test_loss_ss_ignores_clicks_and_is_small_when_coverage_is_small():
+    batch = _batch(h=20, w=20)
+    logits = torch.randn(1, 3, 20, 20, requires_grad=True)
+    cfg = MethodConfig(w_ts=0, w_ss=1, ss_start=0, rampup_steps=0)
+    full = torch.randint(0, 3, (1, 20, 20))
+    full[batch["click_map"] != 255] = 255  # fusion never labels clicked pixels
+    sparse = torch.full_like(full, 255)
+    sparse[0, :2, :] = full[0, :2, :]  # 39 of 398 unclicked pixels (row 1 holds a click): ~10% coverage
+    loss_full = student_losses(cfg, 10, logits, batch, None, full)["loss_ss"]
+    loss_sparse = student_losses(cfg, 10, logits, batch, None, sparse)["loss_ss"]
+    ce = torch.nn.functional.cross_entropy(logits, full, ignore_index=255, reduction="none")
+    assert loss_sparse.item() == pytest.approx(ce[0, :2].sum().item() / 398, rel=1e-5)
+    assert loss_sparse.item() < 0.2 * loss_full.item()
+    loss_sparse.backward()
+    touched = logits.grad.abs().sum(1)[0] > 0
+    assert touched.sum() == 39 and not touched[1, 1] and not touched[4, 3]  # clicks: loss_sup only
+
+
+def test_loss_sup_weighs_each_image_class_the_same():
+    # class 1: one clicked pixel; class 2: 9 pixels (a broken-up object's many disks)
+    click_map = torch.full((1, 8, 8), 255)
+    click_map[0, 0, 0] = 1
+    click_map[0, 4:7, 4:7] = 2
+    batch = {"click_map": click_map, "valid": torch.ones(1, 8, 8, dtype=torch.bool)}
+    logits = torch.randn(1, 3, 8, 8)
+    ce = torch.nn.functional.cross_entropy(logits, click_map, ignore_index=255, reduction="none")[0]
+    per_class = (ce[0, 0] + ce[4:7, 4:7].mean()) / 2
+    per_pixel = (ce[0, 0] + ce[4:7, 4:7].sum()) / 10
+    losses = student_losses(MethodConfig(w_ts=0, w_ss=0), 0, logits, batch, None, None)
+    assert losses["loss_sup"].item() == pytest.approx(per_class.item(), rel=1e-5)
+    losses = student_losses(MethodConfig(w_ts=0, w_ss=0, sup_norm="pixel"), 0, logits, batch, None, None)
+    assert losses["loss_sup"].item() == pytest.approx(per_pixel.item(), rel=1e-5)
 
 
 def test_compact_prediction_is_two_bytes_per_pixel():

@@ -46,6 +46,7 @@ def test_registry_names() -> None:
         "deeplabv3plus_resnet50",
         "deeplabv3plus_resnet101",
         "deeplabv3plus_mobilenetv2",
+        "deeplabv3plus_efficientnet_lite0",
     )
 
 
@@ -168,3 +169,40 @@ def test_loss_falls_on_a_fixed_batch() -> None:
 
     assert abs(losses[0] - math.log(NUM_CLASSES)) < 0.2, losses  # small logits at the start
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _imagenet_input(path: Path) -> torch.Tensor:
+    """The standard ImageNet evaluation crop (short side 256, centre 224), normalised as the
+    project normalises every image (seminar.data.transforms.normalize)."""
+    from PIL import Image
+
+    from seminar.data.transforms import normalize
+
+    image = Image.open(path).convert("RGB")
+    scale = 256 / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    left, top = (image.width - 224) // 2, (image.height - 224) // 2
+    import numpy as np
+
+    return normalize(np.asarray(image.crop((left, top, left + 224, top + 224))))[None]
+
+
+@pytest.mark.parametrize("photo, imagenet_class", [("2007_000033", 404), ("2011_000025", 779)])
+def test_efficientnet_lite0_imagenet_weights_classify_real_photos(photo, imagenet_class):
+    """The packaged ImageNet weights, loaded strictly into our layers, rank the right class
+    first: aeroplanes -> 404 airliner, a bus -> 779 school bus. Wrong padding, a wrong block
+    order or a wrong BatchNorm epsilon would not."""
+    from seminar.models.efficientnet_lite import EfficientNetLite0
+
+    model = build_model("deeplabv3plus_efficientnet_lite0", NUM_CLASSES, pretrained="imagenet")
+    encoder = EfficientNetLite0(output_stride=32)  # classification strides, same weights
+    encoder.load_state_dict(model.backbone.state_dict())
+    with torch.no_grad():
+        probs = encoder.eval().classify(_imagenet_input(DATA / "voc_tiny" / "JPEGImages" / f"{photo}.jpg")).softmax(1)
+    assert probs.argmax().item() == imagenet_class
+    assert probs[0, imagenet_class] > 0.3
+
+
+def test_pretrained_imagenet_is_refused_where_no_weights_ship():
+    with pytest.raises(ValueError, match="only packaged for deeplabv3plus_efficientnet_lite0"):
+        build_model("deeplabv3plus_resnet18", NUM_CLASSES, pretrained="imagenet")

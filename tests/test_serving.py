@@ -220,7 +220,7 @@ def test_model_health_and_readiness(server, segmenter):
     assert model["version"] == "shapes/1" and model["checkpoint_version"] == "serving-test@0"
     assert [c["name"] for c in model["classes"]] == segmenter.classes
     assert model["palette"] == [list(c) for c in segmenter.palette]
-    assert model["click_source"] == "simulated" and model["which"] == "primary_teacher"
+    assert model["click_source"] == "simulated" and model["which"] == "teacher_0"
     assert model["metrics"]["val/miou"] == 0.25 and model["metrics"]["val/iou/0"] is None  # NaN -> null
     assert model["registry"]["model"] == "shapes" and model["registry"]["version"] == 1
     assert model["inference"]["infer_size"] == INFER_SIZE
@@ -339,7 +339,7 @@ def test_prometheus_metrics(server, ray_cluster):
         count = [s for s in families[name].samples if s.name == f"{name}_count"]
         assert count and count[0].value > 0, name
     info = families["ray_seminar_serve_model_info"].samples
-    assert info and info[0].value == 1 and info[0].labels["which"] == "primary_teacher"
+    assert info and info[0].value == 1 and info[0].labels["which"] == "teacher_0"
 
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -16,12 +16,11 @@ import yaml
 from PIL import Image
 
 from seminar.config import ServingConfig
-from seminar.data.transforms import normalize
+from seminar.data.transforms import model_input, normalize
 from serving.batching import (
     PixelBudget,
     QueuedImage,
     batch_cost,
-    model_input,
     pad_and_stack,
     predict_batch,
     restore_size,
@@ -105,12 +104,13 @@ def test_declared_types():
 
 def test_model_input_keeps_aspect_and_matches_pillow():
     image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
-    assert model_input(image, 64).shape == (3, 48, 64)
-    assert model_input(np.zeros((10, 5, 3), np.uint8), 64).shape == (3, 64, 32)  # upscaled too
-    assert torch.equal(model_input(image, 400), normalize(image))  # already the size: only normalised
+    assert model_input(image, 1.0, 64).shape == (3, 48, 64)  # the long side bounded by infer_size
+    assert model_input(image, 0.5, 512).shape == (3, 150, 200)  # the model's training scale
+    assert model_input(np.zeros((10, 5, 3), np.uint8), 1.0, 64).shape == (3, 10, 5)  # never upscaled past it
+    assert torch.equal(model_input(image, 1.0, 400), normalize(image))  # already the size: only normalised
     # Shrinking antialiases like Pillow's bilinear filter: a few grey levels apart at most.
     photo = np.asarray(Image.open(DATA / "voc_tiny" / "JPEGImages" / "2007_000032.jpg").convert("RGB"))
-    ours = model_input(photo, 250)
+    ours = model_input(photo, 1.0, 250)
     pillow = np.asarray(Image.fromarray(photo).resize(ours.shape[:0:-1], Image.Resampling.BILINEAR))
     assert np.abs(normalize(pillow) - ours).max() < 3 / 255 / 0.224  # 3 levels at the smallest std
 

@@ -41,10 +41,16 @@ def print_report(report: ClickReport, console: Console) -> None:
     per_class.add_column("class", justify="right")
     per_class.add_column("name")
     per_class.add_column("clicks", justify="right")
+    purity = report.purity.per_class() if report.purity else {}
+    if report.purity:
+        per_class.add_column(f"purity (r={report.purity.radius})", justify="right")
     for c, count in sorted(report.clicks_per_class.items()):
         name = report.class_names.get(c, "") if report.class_names else ""
-        per_class.add_row(str(c), name, f"{count:,}")
+        per_class.add_row(str(c), name, f"{count:,}", *([f"{purity[c]:.1%}" if c in purity else "-"] if purity else []))
     console.print(per_class)
+    if report.purity:
+        console.print(f"click purity {report.purity.overall:.1%} of click-disk pixels (radius {report.purity.radius}) "
+                      f"on their own class, in {report.purity.images:,} images with masks")
 
 
 @data_app.command("inspect")
@@ -56,11 +62,13 @@ def inspect_command(
     images: Path | None = typer.Option(
         None, "--images", exists=True, file_okay=False, help="folder of <id>.jpg/.png images: gives image sizes"
     ),
+    radius: int = typer.Option(3, "--radius", min=0, max=64, help="click disk radius for the purity (data.click_radius)"),
 ) -> None:
-    """Count images, clicks per class, empty lists and clicks outside their image."""
+    """Count images, clicks per class, empty lists and clicks outside their image; with
+    --masks, click purity per class."""
     console = Console()
     try:
-        report = inspect_clicks(clicks, masks_dir=masks, images_dir=images)
+        report = inspect_clicks(clicks, masks_dir=masks, images_dir=images, radius=radius)
     except ClickFileError as e:
         console.print(Text("error: ", style="red") + Text(str(e)))
         raise typer.Exit(1) from None

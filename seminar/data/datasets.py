@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 
 from seminar.config import DataConfig
 from seminar.data.base import IGNORE_INDEX, DatasetInfo, Sample
+from seminar.data.transforms import resize_image
 from seminar.data.clicks import (
     ClickFit,
     click_sources,
@@ -131,7 +133,7 @@ def rescale(sample: Sample, scale: float) -> Sample:
         return sample
     height, width = sample.image.shape[:2]
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    image = np.asarray(Image.fromarray(sample.image).resize((new_w, new_h), Image.BILINEAR))
+    image = resize_image(sample.image, (new_h, new_w))
     mask = None
     if sample.mask is not None:
         mask = np.asarray(Image.fromarray(sample.mask).resize((new_w, new_h), Image.NEAREST))
@@ -267,6 +269,7 @@ class SyntheticDataset(SegmentationDataset):
         # Train and val draw from different streams (role is part of the seed).
         self.split_code = 0 if role == "train" else 1
         self.seed, self.click_seed, self.min_area = syn.seed, cfg.click_seed, cfg.simulated_min_area
+        self.click_radius = cfg.click_radius
         self.image_ids = [f"{role}_{i:05d}" for i in range(count)][:limit]
         self.load_scale = cfg.load_scale
         self.click_fit = ClickFit()
@@ -276,7 +279,8 @@ class SyntheticDataset(SegmentationDataset):
     def load(self, i: int) -> Sample:
         image, mask = render_synthetic(np.random.default_rng([self.seed, self.split_code, i]), self.size, self.num_classes)
         image_id = self.image_ids[i]
-        clicks = simulate_clicks(mask, self.num_classes, self.min_area, [self.click_seed, _seed_of(image_id)])
+        clicks = simulate_clicks(mask, self.num_classes, self.min_area, [self.click_seed, _seed_of(image_id)],
+                                 radius=self.click_radius)
         return Sample(image_id, image, mask, clicks)
 
 
@@ -393,6 +397,7 @@ class CamVidDataset(SegmentationDataset):
         _first_missing(self.mask_paths, "mask")
         self.image_ids = [p.stem for p in self.image_paths]
         self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
+        self.click_radius = cfg.click_radius
         self.click_fit = ClickFit()
         self.info = DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE, "simulated")
         self._clicks: dict[int, np.ndarray] = {}
@@ -407,13 +412,18 @@ class CamVidDataset(SegmentationDataset):
         return mask
 
     def load(self, i: int) -> Sample:
+        """Sample i at its original size, without clicks (they are simulated at load_scale)."""
         image = read_image(self.image_paths[i])
-        mask = self._read_mask(self.mask_paths[i], image.shape[:2])
-        image_id = self.image_ids[i]
+        return Sample(self.image_ids[i], image, self._read_mask(self.mask_paths[i], image.shape[:2]))
+
+    def __getitem__(self, i: int) -> Sample:
+        # Clicks are simulated on the mask at the resolution training sees, so that each
+        # click's disk stays on its object there.
+        sample = rescale(self.load(i), self.load_scale)
         if i not in self._clicks:  # simulating costs more than decoding: once per image and process
-            self._clicks[i] = simulate_clicks(mask, len(CAMVID_CLASSES), self.min_area,
-                                              [self.click_seed, _seed_of(image_id)])
-        return Sample(image_id, image, mask, self._clicks[i])
+            self._clicks[i] = simulate_clicks(sample.mask, len(CAMVID_CLASSES), self.min_area,
+                                              [self.click_seed, _seed_of(sample.image_id)], radius=self.click_radius)
+        return replace(sample, clicks=self._clicks[i])
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""What is in a click file: images, clicks per class, empty lists, clicks off the image.
+"""What is in a click file: images, clicks per class, empty lists, clicks off the image,
+and, where masks exist, click purity (the share of click-disk pixels on their own class).
 
 Negative coordinates are always caught; clicks past the right or bottom edge only where
 the image size is known, from a folder of masks or images (`masks_dir`, `images_dir`),
@@ -14,10 +15,49 @@ from pathlib import Path
 
 import numpy as np
 
-from seminar.data.clicks import click_sources, empty_image_ids, load_clicks
-from seminar.data.datasets import IMAGE_SUFFIXES, VOC_CLASSES, image_size
+from seminar.data.base import IGNORE_INDEX
+from seminar.data.clicks import click_sources, clicks_by_image, empty_image_ids, load_clicks
+from seminar.data.datasets import IMAGE_SUFFIXES, VOC_CLASSES, image_size, read_index_png
+from seminar.data.transforms import rasterize_clicks
 
 _VOC_ID = re.compile(r"^\d{4}_\d{6}$")
+
+
+@dataclass
+class ClickPurity:
+    """Share of click-disk pixels (clicks drawn as training draws them) on their own class,
+    where a mask says; void / ignore pixels count as off-class."""
+
+    radius: int
+    on_class: dict[int, int] = field(default_factory=dict)  # class -> disk pixels on that class
+    drawn: dict[int, int] = field(default_factory=dict)  # class -> disk pixels drawn
+    images: int = 0
+
+    def add(self, clicks: np.ndarray, mask: np.ndarray) -> None:
+        disks = rasterize_clicks(clicks, *mask.shape, self.radius)
+        for c in np.unique(disks[disks != IGNORE_INDEX]).tolist():
+            pixels = disks == c
+            self.drawn[c] = self.drawn.get(c, 0) + int(pixels.sum())
+            self.on_class[c] = self.on_class.get(c, 0) + int((mask[pixels] == c).sum())
+        self.images += 1
+
+    @property
+    def overall(self) -> float:
+        return sum(self.on_class.values()) / max(sum(self.drawn.values()), 1)
+
+    def per_class(self) -> dict[int, float]:
+        return {c: self.on_class[c] / self.drawn[c] for c in sorted(self.drawn)}
+
+
+def dataset_click_purity(dataset, radius: int, limit: int = 200) -> ClickPurity:
+    """Click purity of a dataset's clicks as training draws them (at its load_scale), over
+    up to `limit` images spread evenly through it, of those that have masks."""
+    purity = ClickPurity(radius)
+    for i in np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(int):
+        sample = dataset[int(i)]
+        if sample.mask is not None:
+            purity.add(sample.clicks, sample.mask)
+    return purity
 
 
 @dataclass
@@ -36,6 +76,7 @@ class ClickReport:
     clipped_on_load: int  # out by at most 1 px: datasets clip these onto the image
     dropped_on_load: int  # further out: datasets drop these
     out_of_image_examples: list[tuple[str, float, float]] = field(default_factory=list)
+    purity: ClickPurity | None = None  # with masks
     seconds: float = 0.0
 
 
@@ -45,7 +86,8 @@ def _files_by_stem(folder: str | None, suffixes: tuple[str, ...]) -> dict[str, P
     return {p.stem: p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes}
 
 
-def inspect_clicks(path: str, masks_dir: str | None = None, images_dir: str | None = None) -> ClickReport:
+def inspect_clicks(path: str, masks_dir: str | None = None, images_dir: str | None = None,
+                   radius: int = 3) -> ClickReport:
     start = time.perf_counter()
     table = load_clicks(path)
     ids = table["image_id"].to_numpy(zero_copy_only=False)
@@ -69,6 +111,15 @@ def inspect_clicks(path: str, masks_dir: str | None = None, images_dir: str | No
     outside = negative | beyond
     near = (x >= -1) & (y >= -1) & (x <= w) & (y <= h)
 
+    purity = None
+    if masks_dir is not None:  # click purity at the original resolution, disks of `radius`
+        masks = _files_by_stem(masks_dir, (".png",))
+        purity = ClickPurity(radius)
+        by_image = clicks_by_image(table)
+        for image_id in unique_ids:
+            if image_id in masks:
+                purity.add(by_image[image_id], read_index_png(masks[image_id]))
+
     per_class = dict(zip(*(v.tolist() for v in np.unique(classes, return_counts=True))))
     looks_like_voc = all(1 <= c < len(VOC_CLASSES) for c in per_class) and all(
         _VOC_ID.match(i) for i in [*unique_ids[:100], *empty[:100]]
@@ -88,5 +139,6 @@ def inspect_clicks(path: str, masks_dir: str | None = None, images_dir: str | No
         clipped_on_load=int(np.sum(outside & near)),
         dropped_on_load=int(np.sum(outside & ~near)),
         out_of_image_examples=[(str(ids[r]), float(x[r]), float(y[r])) for r in np.flatnonzero(outside)[:5]],
+        purity=purity,
         seconds=time.perf_counter() - start,
     )

@@ -1,0 +1,68 @@
+"""Summarise the CamVid study (scripts/camvid_study.sh) from each run's metrics.jsonl.
+
+    .venv/bin/python scripts/study_table.py runs/camvid            # rows: mean, spread, per seed
+    .venv/bin/python scripts/study_table.py runs/camvid --curves study-seminar-s0
+
+Rows are run names `study-ROW-sSEED`; the served mIoU is `val/miou` at the last evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+           "Bicyclist")
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def final(run: Path) -> dict | None:
+    evaluated = [m for m in history(run) if "val/miou" in m]
+    return evaluated[-1] if evaluated else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--curves", help="print one run's per-term and pseudo-label curves")
+    args = parser.parse_args()
+    if args.curves:
+        keys = ["loss_sup", "loss_ts", "loss_ss", "pseudo_frac", "diag_pseudo_acc", "diag_student_acc"]
+        print("| step | " + " | ".join(f"s{k}/{n}" for k in (0, 1) for n in keys) + " |")
+        print("|---" * (1 + 2 * len(keys)) + "|")
+        for m in history(args.root / args.curves):
+            values = [m.get(f"s{k}/{n}") for k in (0, 1) for n in keys]
+            print(f"| {m['step']} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
+        return
+    rows: dict[str, dict[int, dict]] = defaultdict(dict)
+    for run in sorted(args.root.glob("study-*")):
+        match = re.fullmatch(r"study-(\w+)-s(\d+)", run.name)
+        if match and (run / "metrics.jsonl").is_file() and (m := final(run)):
+            rows[match[1]][int(match[2])] = m
+    print("| row | seeds | served mIoU mean | min-max | per seed | served network(s) | "
+          + " | ".join(CLASSES) + " |")
+    print("|---" * (6 + len(CLASSES)) + "|")
+    for row in ("full", "pce", "mt", "cps", "seminar", *sorted(set(rows) - {"full", "pce", "mt", "cps", "seminar"})):
+        if row not in rows:
+            continue
+        runs = rows[row]
+        miou = [m["val/miou"] for m in runs.values()]
+        served = []
+        for m in runs.values():
+            teachers = {k: v for k, v in m.items() if k.endswith("val_miou_teacher") or k == "val_miou_teacher_ensemble"}
+            served.append(next((k.split("/")[0] for k, v in teachers.items() if v == m["val/miou"]), "?"))
+        iou = [statistics.mean(m[f"val/iou/{c}"] for m in runs.values()) for c in range(len(CLASSES))]
+        print(f"| {row} | {len(runs)} | {statistics.mean(miou):.3f} | {min(miou):.3f}-{max(miou):.3f} | "
+              + ", ".join(f"s{s}: {m['val/miou']:.3f}" for s, m in sorted(runs.items()))
+              + f" | {', '.join(served)} | " + " | ".join(f"{v:.2f}" for v in iou) + " |")
+
+
+if __name__ == "__main__":
+    main()
