@@ -13,7 +13,7 @@ from ray.util.metrics import Counter, Gauge, Histogram
 
 _STEP_SECONDS = [0.01, 0.03, 0.1, 0.3, 1, 2, 5, 10, 30, 100]
 _WAIT_SECONDS = [0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10]
-_LOSS_TERMS = {"loss": "total", "loss_sup": "sup", "loss_ts": "ts", "loss_ss": "ss"}
+_LOSS_TERMS = {"loss": "total", "loss_sup": "sup", "loss_ts": "ts", "loss_ss": "ss", "loss_pair": "pair"}
 
 
 class TrainMetrics:
@@ -23,7 +23,7 @@ class TrainMetrics:
         self.students = students
         self.last_step: dict[int, int] = {k: 0 for k in students}
         tags = ("run", "student")
-        self.loss = Gauge("seminar_train_loss", "student loss by term (total, sup, ts, ss)",
+        self.loss = Gauge("seminar_train_loss", "student loss by term (total, sup, ts, ss, pair)",
                           tag_keys=tags + ("term",))
         self.pseudo_frac = Gauge("seminar_train_pseudo_label_fraction",
                                  "fraction of unclicked valid pixels given a peer pseudo-label", tag_keys=tags)

@@ -20,6 +20,13 @@ row_flags() {
     mt)      echo "$one_student|method.w_ss=0" ;;
     cps)     echo "method.w_ts=0|method.pseudo_from=student" ;;
     seminar) echo "" ;;
+    # ablations
+    pce_pixel)    echo "$one_student|method.w_ts=0|method.w_ss=0|method.sup_norm=pixel" ;;
+    pce_pair)     echo "$one_student|method.w_ts=0|method.w_ss=0|method.w_pair=1" ;;
+    seminar_pair) echo "method.w_pair=1" ;;
+    seminar_frac) echo "method.ss_class_fraction=0.5|method.tau=0.7" ;;
+    seminar_ema95) echo "method.ema_decay=0.95" ;;
+    mt_ema95)     echo "$one_student|method.w_ss=0|method.ema_decay=0.95" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -33,7 +40,7 @@ for seed in $seeds; do
     # student seeds (head initialisation) follow the run seed; the single-student rows
     # set their one student after the others have been listed
     flags+=(--set "students.0.seed=$((2 * seed))")
-    [ "$row" = cps ] || [ "$row" = seminar ] && flags+=(--set "students.1.seed=$((2 * seed + 1))")
+    case $row in cps|seminar*) flags+=(--set "students.1.seed=$((2 * seed + 1))") ;; esac
     echo "== $name $(date +%T)"
     /usr/bin/time -f "$name wall %e s, cpu %U+%S s" .venv/bin/seminar train --in-process --config "$spec" \
       --set "storage.run_name=$name" "${flags[@]}" "$@" 2>&1 | tr '\r' '\n' | grep -v "^train:" \

@@ -140,6 +140,10 @@ class MethodConfig(Strict):
     ss_class_fraction: float = Field(
         0.0, ge=0, le=1, description="also keep each predicted class's most confident fraction of pixels "
         "below tau (0 = the fixed tau only)")
+    w_pair: float = Field(0.0, ge=0, le=100, description="weight of the label-free pairwise colour-affinity "
+                          "loss (0 = off)")
+    pair_color_tol: float = Field(0.05, gt=0, le=2, description="RGB distance (in [0, 1] units) below which "
+                                  "neighbouring pixels should share a class")
     ss_start: int = Field(50, ge=0, description="step at which loss_ss starts ramping up")
     rampup_steps: int = Field(100, ge=0, description="length L of the sigmoid ramp-up")
     pseudo_from: Literal["teacher", "student"] = Field(

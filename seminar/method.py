@@ -2,7 +2,7 @@
 
 For student k at step t:
 
-    loss = loss_sup + w_ts·ramp(t)·loss_ts + w_ss·ramp(t − ss_start)·loss_ss
+    loss = loss_sup + w_ts·ramp(t)·loss_ts + w_ss·ramp(t − ss_start)·loss_ss [+ w_pair·ramp(t)·loss_pair]
 
 - `loss_sup`: partial cross-entropy on clicked pixels, each (image, class) weighing the
               same or each pixel (`sup_norm`); dense masks for full supervision;
@@ -10,7 +10,8 @@ For student k at step t:
               on the weak view, on unclicked valid pixels (`kl` or `mse`);
 - `loss_ss`:  cross-entropy against the heterogeneous pseudo-label fused from the peers'
               predictions on unclicked pixels (thresholded at `tau` or per class), divided
-              by all unclicked valid pixels, so a sparse pseudo-label gives a small loss.
+              by all unclicked valid pixels, so a sparse pseudo-label gives a small loss;
+- `loss_pair` (optional, `w_pair`): neighbouring pixels of nearly the same colour agree.
 """
 
 from __future__ import annotations
@@ -152,6 +153,35 @@ def pseudo_label_loss(logits: torch.Tensor, pseudo_label: torch.Tensor, region: 
     return per_pixel.sum() / region.sum().clamp(min=1)
 
 
+# The 8 neighbours at distance 2 that the pairwise term compares each pixel with (BoxInst's).
+_PAIR_OFFSETS = [(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if (dy, dx) != (0, 0)]
+
+
+def pairwise_affinity_loss(logits: torch.Tensor, image_rgb: torch.Tensor, valid: torch.Tensor,
+                           color_tol: float) -> torch.Tensor:
+    """Label-free: neighbouring pixels of nearly the same colour should get the same class.
+
+    For each pixel and its 8 neighbours at distance 2 whose RGB colours (in [0, 1]) differ by
+    at most `color_tol` (Euclidean), -log of the probability that both take the same class,
+    sum_c p_i(c) p_j(c), averaged over those pairs (BoxInst's pairwise term, RGB instead of
+    Lab). It spreads each click's label across its uniform region and stops at colour edges.
+    """
+    probs = logits.softmax(1)
+    height, width = logits.shape[-2:]
+    total, count = logits.new_zeros(()), 0
+    for dy, dx in _PAIR_OFFSETS:
+        # pixel (y, x) against (y + dy, x + dx), both inside the crop
+        ys, yd = slice(max(0, -dy), height - max(0, dy)), slice(max(0, dy), height - max(0, -dy))
+        xs, xd = slice(max(0, -dx), width - max(0, dx)), slice(max(0, dx), width - max(0, -dx))
+        similar = (image_rgb[:, :, ys, xs] - image_rgb[:, :, yd, xd]).norm(dim=1) <= color_tol
+        similar &= valid[:, ys, xs] & valid[:, yd, xd]
+        if similar.any():
+            same = (probs[:, :, ys, xs] * probs[:, :, yd, xd]).sum(1)
+            total = total - same[similar].clamp_min(1e-6).log().sum()
+            count += int(similar.sum())
+    return total / max(count, 1)
+
+
 def student_losses(cfg: MethodConfig, step: int, logits: torch.Tensor, batch: dict[str, torch.Tensor],
                    teacher_probs: torch.Tensor | None, pseudo_label: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """All losses of one student for one step; `loss` is the weighted total to minimise."""
@@ -171,7 +201,12 @@ def student_losses(cfg: MethodConfig, step: int, logits: torch.Tensor, batch: di
     if cfg.w_ss > 0 and pseudo_label is not None:
         loss_ss = pseudo_label_loss(logits, pseudo_label, unclicked)
 
+    loss_pair = zero
+    if cfg.w_pair > 0:
+        loss_pair = pairwise_affinity_loss(logits, batch["image_rgb"], valid, cfg.pair_color_tol)
+
     ramp_ts = sigmoid_rampup(step, cfg.rampup_steps)
     ramp_ss = sigmoid_rampup(step - cfg.ss_start, cfg.rampup_steps)
-    loss = loss_sup + cfg.w_ts * ramp_ts * loss_ts + cfg.w_ss * ramp_ss * loss_ss
-    return {"loss": loss, "loss_sup": loss_sup, "loss_ts": loss_ts, "loss_ss": loss_ss}
+    loss = (loss_sup + cfg.w_ts * ramp_ts * loss_ts + cfg.w_ss * ramp_ss * loss_ss
+            + cfg.w_pair * ramp_ts * loss_pair)
+    return {"loss": loss, "loss_sup": loss_sup, "loss_ts": loss_ts, "loss_ss": loss_ss, "loss_pair": loss_pair}

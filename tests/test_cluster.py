@@ -184,10 +184,15 @@ def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
     labels, confidence = segmenter.segment(np.zeros((32, 32, 3), np.uint8))
     assert labels.shape == confidence.shape == (32, 32)
     assert segmenter.meta["step"] == 3
-    # Serving fetched the primary teacher's weights only: no optimizer state, no other student.
+    # Serving fetched the served teacher's weights only: no optimizer state, no other student.
+    # (Rank 0 chose it among both students' teachers, once it had gathered their metrics.)
+    served = segmenter.meta["served"]
+    assert served in ("teacher_0", "teacher_1") and segmenter.which == served
+    teachers = {k: segmenter.meta["metrics"][f"s{k}/val_miou_teacher"] for k in (0, 1)}
+    assert segmenter.meta["metrics"]["val/miou"] == max(teachers.values())
     cached = checkpoint.local_copy(second.checkpoint, [])
     assert sorted(str(p.relative_to(cached)) for p in cached.rglob("*") if p.is_file()) == [
-        "meta.json", "student_0/teacher.pt"]
+        "meta.json", f"student_{served.removeprefix('teacher_')}/teacher.pt"]
 
 
 def test_a_resuming_worker_fetches_only_its_students_files(s3_bucket, tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 from seminar.config import MethodConfig, SpecError, load_spec
 from seminar.exchange import CompactPrediction, InProcessExchange
-from seminar.method import EmaTeacher, fuse_pseudo_labels, sigmoid_rampup, student_losses
+from seminar.method import EmaTeacher, fuse_pseudo_labels, pairwise_affinity_loss, sigmoid_rampup, student_losses
 from seminar.metrics import ConfusionMatrix
 
 
@@ -228,3 +228,20 @@ def test_spec_file_errors(tmp_path):
         load_spec(bad)
     with pytest.raises(SpecError, match="not found"):
         load_spec(tmp_path / "missing.yaml")
+
+
+def test_pairwise_term_ties_similar_neighbours_and_stops_at_colour_edges():
+    # left half dark, right half bright; logits that split exactly at the colour edge
+    rgb = torch.zeros(1, 3, 8, 8)
+    rgb[..., 4:] = 1.0
+    valid = torch.ones(1, 8, 8, dtype=torch.bool)
+    split = torch.zeros(1, 2, 8, 8)
+    split[:, 0, :, :4] = split[:, 1, :, 4:] = 10.0
+    along_edge = split.clone().requires_grad_(True)
+    assert pairwise_affinity_loss(along_edge, rgb, valid, color_tol=0.05).item() < 1e-3
+    across = torch.zeros(1, 2, 8, 8)
+    across[:, 0, :4] = across[:, 1, 4:] = 10.0  # a split across rows, inside each colour region
+    assert pairwise_affinity_loss(across, rgb, valid, color_tol=0.05).item() > 1.0
+    # padding (invalid) pixels take no part
+    no_pairs = pairwise_affinity_loss(across, rgb, torch.zeros_like(valid), color_tol=0.05)
+    assert no_pairs.item() == 0.0

@@ -229,6 +229,7 @@ class SeminarViews:
             strong.append(_normalize_unit(torch.where(valid, view, _MEAN)))
         return {
             "image_weak": _normalize_unit(weak),
+            "image_rgb": weak,  # [0, 1] colours of the weak view, for the pairwise term
             "image_strong": torch.stack(strong) if strong else torch.empty((0, 3, *crop)),
             "click_map": _tensor(rasterize_clicks(clicks, crop[0], crop[1], self.click_radius)).long(),
             "mask": mask_crop.long(),
