@@ -74,11 +74,14 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                                             "as the body or as a multipart/form-data file field")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:  # Pillow's own ceiling, far above ours by default
+        raise InputError(413, "too_many_pixels", f"the image has more pixels than Pillow decodes safely; "
+                                                 f"the limit here is {max_pixels}") from None
     except UnidentifiedImageError:
         raise InputError(400, "undecodable_image", "the body is not a readable image "
                                                    "(expected JPEG or PNG bytes)") from None
-    except Image.DecompressionBombError as e:  # Pillow's own ceiling, far above ours by default
-        raise InputError(413, "too_many_pixels", str(e)) from None
+    except (OSError, SyntaxError, ValueError) as e:  # a header cut short ("Truncated File Read")
+        raise InputError(400, "undecodable_image", f"the image header cannot be read: {e}") from None
     if image.format not in SUPPORTED_FORMATS:
         raise InputError(415, "unsupported_media_type",
                          f"{image.format} images are not supported; send JPEG or PNG")

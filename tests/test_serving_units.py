@@ -84,6 +84,23 @@ def test_refused_inputs(data, status, error):
     assert refused.value.detail
 
 
+@pytest.mark.parametrize("photo", ["2007_000032.jpg", "2011_000025.jpg"])
+def test_every_truncated_prefix_of_a_real_photo_is_a_400(photo):
+    """Cut anywhere before its end marker (in the header too: Pillow's 'Truncated File Read'),
+    a real JPEG or its PNG re-encoding is refused as undecodable, never an unhandled error (a
+    500). (Without only its trailer, JPEG's 2-byte EOI or PNG's last checksums and 12-byte
+    IEND, every pixel is there and the image decodes: measured, PNG decodes from 21 bytes short.)"""
+    jpeg = (DATA / "voc_tiny" / "JPEGImages" / photo).read_bytes()
+    png = encode(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))[:64, :64])
+    for data, end_marker in ((jpeg, 2), (png, 24)):
+        last = len(data) - end_marker - 1
+        cuts = sorted(set(range(1, 400)) | set(np.linspace(400, last, 100).astype(int).tolist()))
+        for cut in cuts:
+            with pytest.raises(InputError) as refused:
+                decode_image(data[:cut], max_pixels=16 * 2**20)
+            assert (refused.value.status, refused.value.error) == (400, "undecodable_image"), cut
+
+
 def test_pixel_limit_is_checked_before_decoding():
     # 5000 x 5000 declared in the header, a few kilobytes on the wire: never decoded.
     bomb = encode(np.zeros((5000, 5000), np.uint8))
