@@ -26,6 +26,7 @@ row_flags() {
     seminar_pair) echo "method.w_pair=1" ;;
     seminar_frac) echo "method.ss_class_fraction=0.5|method.tau=0.7" ;;
     seminar_ema95) echo "method.ema_decay=0.95" ;;
+    seminar_nots) echo "method.w_ts=0" ;;
     mt_ema95)     echo "$one_student|method.w_ss=0|method.ema_decay=0.95" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac

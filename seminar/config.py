@@ -128,7 +128,8 @@ def _default_students() -> list[StudentConfig]:
 class MethodConfig(Strict):
     supervision: Literal["clicks", "dense"] = "clicks"
     sup_norm: Literal["image_class", "pixel"] = Field(
-        "image_class", description="loss_sup on clicks: each (image, class) weighs the same, or each clicked pixel")
+        "image_class", description="loss_sup: each (image, class) weighs the same, or each labelled pixel "
+        "(clicks, or the masks of full supervision)")
     ema_decay: float = Field(0.99, ge=0, lt=1)
     ema_warmup_steps: int = Field(
         100, ge=0, description="the teacher's decay climbs linearly from 0 to ema_decay over these steps")

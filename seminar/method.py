@@ -4,8 +4,8 @@ For student k at step t:
 
     loss = loss_sup + w_ts·ramp(t)·loss_ts + w_ss·ramp(t − ss_start)·loss_ss [+ w_pair·ramp(t)·loss_pair]
 
-- `loss_sup`: partial cross-entropy on clicked pixels, each (image, class) weighing the
-              same or each pixel (`sup_norm`); dense masks for full supervision;
+- `loss_sup`: partial cross-entropy on clicked pixels (dense masks for full supervision),
+              each (image, class) weighing the same or each pixel (`sup_norm`);
 - `loss_ts`:  consistency between the student on its strong view and its own EMA teacher
               on the weak view, on unclicked valid pixels (`kl` or `mse`);
 - `loss_ss`:  cross-entropy against the heterogeneous pseudo-label fused from the peers'
@@ -187,10 +187,8 @@ def student_losses(cfg: MethodConfig, step: int, logits: torch.Tensor, batch: di
     """All losses of one student for one step; `loss` is the weighted total to minimise."""
     click_map, valid = batch["click_map"], batch["valid"]
     unclicked = (click_map == IGNORE_INDEX) & valid
-    if cfg.supervision == "dense":
-        loss_sup = partial_cross_entropy(logits, batch["mask"])
-    else:
-        loss_sup = partial_cross_entropy(logits, click_map, per_image_class=cfg.sup_norm == "image_class")
+    target = batch["mask"] if cfg.supervision == "dense" else click_map
+    loss_sup = partial_cross_entropy(logits, target, per_image_class=cfg.sup_norm == "image_class")
     zero = logits.new_zeros(())
 
     loss_ts = zero

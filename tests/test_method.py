@@ -169,6 +169,11 @@ def test_loss_sup_weighs_each_image_class_the_same():
     assert losses["loss_sup"].item() == pytest.approx(per_class.item(), rel=1e-5)
     losses = student_losses(MethodConfig(w_ts=0, w_ss=0, sup_norm="pixel"), 0, logits, batch, None, None)
     assert losses["loss_sup"].item() == pytest.approx(per_pixel.item(), rel=1e-5)
+    # full supervision: the same rule over the masks' pixels
+    batch["mask"] = click_map
+    dense = MethodConfig(supervision="dense", w_ts=0, w_ss=0)
+    assert student_losses(dense, 0, logits, batch, None, None)["loss_sup"].item() == pytest.approx(per_class.item(),
+                                                                                                   rel=1e-5)
 
 
 def test_compact_prediction_is_two_bytes_per_pixel():
