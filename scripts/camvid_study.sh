@@ -21,6 +21,7 @@ row_flags() {
     cps)     echo "method.w_ts=0|method.pseudo_from=student" ;;
     seminar) echo "" ;;
     # ablations
+    pce2)         echo "method.w_ts=0|method.w_ss=0" ;;  # both students, independent: their ensemble
     pce_pixel)    echo "$one_student|method.w_ts=0|method.w_ss=0|method.sup_norm=pixel" ;;
     pce_pair)     echo "$one_student|method.w_ts=0|method.w_ss=0|method.w_pair=1" ;;
     seminar_pair) echo "method.w_pair=1" ;;
@@ -41,7 +42,7 @@ for seed in $seeds; do
     # student seeds (head initialisation) follow the run seed; the single-student rows
     # set their one student after the others have been listed
     flags+=(--set "students.0.seed=$((2 * seed))")
-    case $row in cps|seminar*) flags+=(--set "students.1.seed=$((2 * seed + 1))") ;; esac
+    case $row in cps|seminar*|pce2) flags+=(--set "students.1.seed=$((2 * seed + 1))") ;; esac
     echo "== $name $(date +%T)"
     /usr/bin/time -f "$name wall %e s, cpu %U+%S s" .venv/bin/seminar train --in-process --config "$spec" \
       --set "storage.run_name=$name" "${flags[@]}" "$@" 2>&1 | tr '\r' '\n' | grep -v "^train:" \
