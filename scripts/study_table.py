@@ -24,14 +24,19 @@ def history(run: Path) -> list[dict]:
 
 
 def final(run: Path) -> dict | None:
-    evaluated = [m for m in history(run) if "val/miou" in m]
-    return evaluated[-1] if evaluated else None
+    """The evaluation at the run's last step; None while the run is unfinished."""
+    metas = sorted(run.glob("checkpoints/step_*/meta.json"))
+    if not metas:
+        return None
+    steps = json.loads(metas[-1].read_text())["spec"]["optim"]["steps"]
+    return next((m for m in history(run) if "val/miou" in m and m["step"] == steps), None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("root", type=Path)
     parser.add_argument("--curves", help="print one run's per-term and pseudo-label curves")
+    parser.add_argument("--rows", nargs="*", help="only these rows, in this order (default: all)")
     args = parser.parse_args()
     if args.curves:
         keys = ["loss_sup", "loss_ts", "loss_ss", "pseudo_frac", "diag_pseudo_acc", "diag_student_acc"]
@@ -46,10 +51,11 @@ def main() -> None:
         match = re.fullmatch(r"study-(\w+)-s(\d+)", run.name)
         if match and (run / "metrics.jsonl").is_file() and (m := final(run)):
             rows[match[1]][int(match[2])] = m
-    print("| row | seeds | served mIoU mean | min-max | per seed | served network(s) | "
+    print("| row | seeds | served mIoU mean | min-max | per seed | served network | "
           + " | ".join(CLASSES) + " |")
     print("|---" * (6 + len(CLASSES)) + "|")
-    for row in ("full", "pce", "mt", "cps", "seminar", *sorted(set(rows) - {"full", "pce", "mt", "cps", "seminar"})):
+    main = ("full", "pce", "pce2", "mt", "cps", "seminar")
+    for row in args.rows or (*main, *sorted(set(rows) - set(main))):
         if row not in rows:
             continue
         runs = rows[row]
@@ -57,7 +63,8 @@ def main() -> None:
         served = []
         for m in runs.values():
             teachers = {k: v for k, v in m.items() if k.endswith("val_miou_teacher") or k == "val_miou_teacher_ensemble"}
-            served.append(next((k.split("/")[0] for k, v in teachers.items() if v == m["val/miou"]), "?"))
+            name = next((k for k, v in teachers.items() if v == m["val/miou"]), "?")
+            served.append("ensemble" if name == "val_miou_teacher_ensemble" else f"teacher {name[1:].split('/')[0]}")
         iou = [statistics.mean(m[f"val/iou/{c}"] for m in runs.values()) for c in range(len(CLASSES))]
         print(f"| {row} | {len(runs)} | {statistics.mean(miou):.3f} | {min(miou):.3f}-{max(miou):.3f} | "
               + ", ".join(f"s{s}: {m['val/miou']:.3f}" for s, m in sorted(runs.items()))
