@@ -5,7 +5,7 @@
     seminar jobs list | status ID | logs ID [-f] | stop ID
     seminar models list | show NAME[/VERSION]  [--registry PREFIX]
 
-`register(app)` adds them to `seminar.cli.app`. Specs are validated in full here, before
+`register(app)` adds them to the `seminar` app (`jobs/main.py`). Specs are validated in full here, before
 anything reaches a cluster; cluster and registry failures print one line, not a trace.
 """
 
@@ -22,11 +22,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from seminar.cli import errors, fail
 from seminar.config import SpecError, TrainConfig
 
 # In a terminal, its width; in logs and pipes (a submitted sweep's table), wide enough.
 console = Console(width=None if sys.stdout.isatty() else 160)
-errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)  # one line stays one line
 
 ADDRESS_HELP = "the cluster's Jobs API (dashboard) URL, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS"
 PYTHON_HELP = "the Python on the cluster with this project's dependencies (default: python on the head's PATH)"
@@ -34,11 +34,6 @@ REGISTRY_HELP = "model registry: a local directory or s3://bucket/prefix; defaul
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, status, logs, stop.")
 models_app = typer.Typer(no_args_is_help=True, help="Published models in a registry.")
-
-
-def fail(message: str, code: int = 1) -> None:
-    errors.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def checked_spec(spec: Path, overrides: list[str]) -> TrainConfig:
@@ -85,7 +80,7 @@ def submit(
         if follow:
             _follow(client, job.job_id)
     except ClusterError as e:
-        fail(str(e))
+        fail(str(e), code=1)
 
 
 def tune(
@@ -120,18 +115,18 @@ def tune(
             if follow:
                 _follow(client, job.job_id)
         except ClusterError as e:
-            fail(str(e))
+            fail(str(e), code=1)
         return
 
     from cluster.preflight import PreflightError
-    from jobs.registry import RegistryError
+    from seminar.registry import RegistryError
     from jobs.sweep import run_sweep
 
     try:
         # In a submitted job RAY_ADDRESS is the cluster's own (GCS) address.
         result = run_sweep(cfg, address=os.environ.get("RAY_ADDRESS") or None, publish=publish, console=console)
     except (PreflightError, RegistryError, ValueError) as e:
-        fail(str(e))
+        fail(str(e), code=1)
     if result.best is None:
         raise typer.Exit(1)
 
@@ -171,7 +166,7 @@ def _client(address: Optional[str]):
     try:
         return connect(address)
     except ClusterError as e:
-        fail(str(e))
+        fail(str(e), code=1)
 
 
 def _when(ms: Optional[int]) -> str:
@@ -188,7 +183,7 @@ def jobs_list(address: Optional[str] = typer.Option(None, "--address", "-a", hel
         with cluster_errors(client._address):
             jobs = client.list_jobs()
     except ClusterError as e:
-        fail(str(e))
+        fail(str(e), code=1)
     table = Table(title=f"jobs on {client._address}")
     table.add_column("job id", no_wrap=True)
     for col in ("status", "kind", "started"):
@@ -210,7 +205,7 @@ def jobs_status(job_id: str = typer.Argument(...),
         with cluster_errors(client._address, job_id):
             info = client.get_job_info(job_id)
     except ClusterError as e:
-        fail(str(e))
+        fail(str(e), code=1)
     meta = info.metadata or {}
     console.print(f"job [bold]{job_id}[/]: {info.status.value}")
     if info.message:
@@ -236,7 +231,7 @@ def jobs_logs(job_id: str = typer.Argument(...),
         with cluster_errors(client._address, job_id):
             sys.stdout.write(client.get_job_logs(job_id))
     except ClusterError as e:
-        fail(str(e))
+        fail(str(e), code=1)
 
 
 @jobs_app.command("stop")
@@ -250,7 +245,7 @@ def jobs_stop(job_id: str = typer.Argument(...),
         with cluster_errors(client._address, job_id):
             stopped = client.stop_job(job_id)
     except ClusterError as e:
-        fail(str(e))
+        fail(str(e), code=1)
     console.print(f"job {job_id}: " + ("stop requested" if stopped else "already finished"))
 
 
@@ -262,14 +257,14 @@ def jobs_stop(job_id: str = typer.Argument(...),
 @models_app.command("list")
 def models_list(registry: Optional[str] = typer.Option(None, "--registry", "-r", help=REGISTRY_HELP)) -> None:
     """Models and their versions."""
-    from jobs.registry import ModelRegistry, RegistryError
+    from seminar.registry import ModelRegistry, RegistryError
 
     try:
         reg = ModelRegistry(registry)
         rows = [(m, reg.versions(m)) for m in reg.models()]
         latest = {m: reg.get(m, v[-1]).metadata for m, v in rows}
     except RegistryError as e:
-        fail(str(e))
+        fail(str(e), code=1)
     table = Table(title=f"models in {reg.uri}")
     for col in ("model", "versions", "latest", "created", "val/miou", "click source"):
         table.add_column(col)
@@ -291,7 +286,7 @@ def models_show(
     as_json: bool = typer.Option(False, "--json", help="print metadata.json as it is"),
 ) -> None:
     """A model version's metadata: metrics, classes, click source, spec, files."""
-    from jobs.registry import ModelRegistry, RegistryError, parse_model_ref
+    from seminar.registry import ModelRegistry, RegistryError, parse_model_ref
 
     try:
         name, version = parse_model_ref(model)
@@ -299,7 +294,7 @@ def models_show(
         mv = reg.get(name, version)
         local = reg.fetch(name, mv.version) if verify else None
     except RegistryError as e:
-        fail(str(e))
+        fail(str(e), code=1)
     meta = mv.metadata
     if as_json:
         print(json.dumps(meta, indent=2))

@@ -3,7 +3,7 @@
 A submission packs the project's code and the validated spec into the job's working
 directory (Ray uploads it to the cluster), and runs
 
-    python -m seminar.cli train --config job_spec.yaml        (or `tune job_spec.yaml`)
+    python -m jobs.main train --config job_spec.yaml        (or `tune job_spec.yaml`)
 
 on the head node, where the command connects to the cluster it runs in. Everything here
 talks to the cluster's dashboard (the Jobs API, http://HEAD:8265) with
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, TextIO
 from urllib.parse import urlparse
 
-from jobs.registry import CODE_VERSION_ENV, code_version
+from seminar.registry import CODE_VERSION_ENV, code_version
 from seminar.config import SweepConfig, TrainConfig, dump_spec
 
 if TYPE_CHECKING:
@@ -246,12 +246,12 @@ def submit_spec(cfg: TrainConfig, address: str | None = None, *, kind: str = "tr
         run_name = given or new_run_name("tune")
         cfg = for_cluster(cfg, None)
         cfg = cfg.model_copy(update={"sweep": (cfg.sweep or SweepConfig()).model_copy(update={"name": run_name})})
-        entrypoint = f"{shlex.quote(python)} -m seminar.cli tune {JOB_SPEC_FILE}"
+        entrypoint = f"{shlex.quote(python)} -m jobs.main tune {JOB_SPEC_FILE}"
     else:
         given = cfg.storage.run_name
         run_name = given or new_run_name("train")
         cfg = for_cluster(cfg, run_name)
-        entrypoint = f"{shlex.quote(python)} -m seminar.cli train --config {JOB_SPEC_FILE}"
+        entrypoint = f"{shlex.quote(python)} -m jobs.main train --config {JOB_SPEC_FILE}"
     if "://" not in cfg.storage.path and urlparse(address).hostname not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: storage.path {cfg.storage.path} is a directory on the cluster's nodes, not on this "
               "machine; a cluster of several nodes needs shared storage (s3://bucket/prefix)", file=sys.stderr)

@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.trainer import build_trainer, connect, storage_location
-from jobs.registry import ModelRegistry, default_registry
+from seminar.registry import ModelRegistry, default_registry
 from jobs.spec import candidate_values, set_field
 from seminar.config import SweepConfig, TrainConfig
 
@@ -158,7 +158,7 @@ class SweepResult:
     trials: list[TrialSummary]
     best: TrialSummary | None
     plot: str | None = None
-    published: Any = None  # jobs.registry.ModelVersion
+    published: Any = None  # seminar.registry.ModelVersion
     wall_s: float = 0.0
 
     @property

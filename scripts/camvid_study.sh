@@ -13,6 +13,9 @@ rows=${1:-"full pce mt cps seminar"}
 seeds=${2:-"0 1 2"}
 shift 2 || true
 one_student='students=[{model: deeplabv3plus_efficientnet_lite0, pretrained: imagenet, seed: 0, decoder_channels: 128}]'
+# photometric augmentation of the strong views: the ancillary student's (milder) and none
+mild='{color_jitter: 0.3, hue: 0.05, blur_prob: 0.3, grayscale_prob: 0.1}'
+none='{color_jitter: 0, hue: 0, blur_prob: 0, grayscale_prob: 0}'
 row_flags() {
   case $1 in
     full)    echo "$one_student|method.supervision=dense|method.w_ts=0|method.w_ss=0" ;;
@@ -29,6 +32,12 @@ row_flags() {
     seminar_ema95) echo "method.ema_decay=0.95" ;;
     seminar_nots) echo "method.w_ts=0" ;;
     mt_ema95)     echo "$one_student|method.w_ss=0|method.ema_decay=0.95" ;;
+    pce_mild)     echo "$one_student|students.0.augment=$mild|method.w_ts=0|method.w_ss=0" ;;
+    pce_noaug)    echo "$one_student|students.0.augment=$none|method.w_ts=0|method.w_ss=0" ;;
+    pce2_mild)    echo "students.0.augment=$mild|method.w_ts=0|method.w_ss=0" ;;
+    seminar_mild) echo "students.0.augment=$mild" ;;
+    seminar_mild_pair) echo "students.0.augment=$mild|method.w_pair=1" ;;
+    pce_mild_pair) echo "$one_student|students.0.augment=$mild|method.w_ts=0|method.w_ss=0|method.w_pair=1" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -42,7 +51,7 @@ for seed in $seeds; do
     # student seeds (head initialisation) follow the run seed; the single-student rows
     # set their one student after the others have been listed
     flags+=(--set "students.0.seed=$((2 * seed))")
-    case $row in cps|seminar*|pce2) flags+=(--set "students.1.seed=$((2 * seed + 1))") ;; esac
+    case $row in cps|seminar*|pce2*) flags+=(--set "students.1.seed=$((2 * seed + 1))") ;; esac
     echo "== $name $(date +%T)"
     /usr/bin/time -f "$name wall %e s, cpu %U+%S s" .venv/bin/seminar train --in-process --config "$spec" \
       --set "storage.run_name=$name" "${flags[@]}" "$@" 2>&1 | tr '\r' '\n' | grep -v "^train:" \

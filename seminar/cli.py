@@ -1,7 +1,13 @@
-"""The `seminar` command."""
+"""The Ray-free commands of `seminar`: `evaluate`, `data`, and what every command shares
+(`fail`, the spec from `--config`/`--set`, the training summary).
+
+The `seminar` app itself is assembled at the top of the house, in `jobs/main.py`: this
+package imports nothing from `cluster`, `jobs` or `serving`.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,14 +17,14 @@ from rich.table import Table
 
 from .config import SpecError, TrainConfig, load_spec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Semantic segmentation from clicks with seminar learning, on Ray.")
 console = Console()
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)  # one line stays one line
 
 
-def fail(message: str) -> None:
-    console.print(f"[red]error:[/] {message}", soft_wrap=True)
-    raise typer.Exit(2)
+def fail(message: str, code: int = 2) -> None:
+    """One `error:` line on stderr, then exit (2: bad input, before any work)."""
+    errors.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def spec_from_options(config: Optional[Path], overrides: list[str]) -> TrainConfig:
@@ -28,32 +34,10 @@ def spec_from_options(config: Optional[Path], overrides: list[str]) -> TrainConf
         fail(str(e))
 
 
-def _train_on_ray(cfg: TrainConfig, address: str | None):
-    from cluster import PreflightError, run_training  # Ray is imported on this path only
-
-    try:
-        return run_training(cfg, address=address, console=console)
-    except PreflightError as e:
-        fail(str(e))
-
-
-@app.command()
-def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="job spec (YAML); default: the embedded synthetic job"),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="override a spec field: key=value (repeatable)"),
-    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: an embedded local Ray"),
-    in_process: bool = typer.Option(False, "--in-process", help="all students in this process, without Ray"),
-) -> None:
-    """Train the students, evaluate them, save a checkpoint."""
-    from .data import ClickFileError, DatasetError
-    from .runs import run_in_process, summary_table
-
-    cfg = spec_from_options(config, overrides)
-    try:
-        result = run_in_process(cfg, console) if in_process else _train_on_ray(cfg, address)
-    except (ClickFileError, DatasetError, SpecError, FileNotFoundError) as e:
-        fail(str(e))
+def print_training_summary(cfg: TrainConfig, result) -> None:
+    """The end of `seminar train`: per-class table, served mIoU and why, click purity, checkpoint."""
     from .checkpoint import read_meta
+    from .runs import summary_table
 
     meta = read_meta(result.checkpoint)
     console.print(summary_table(result.metrics, meta["classes"], cfg.num_students))
@@ -67,7 +51,6 @@ def train(
     console.print(f"checkpoint: {result.checkpoint}", soft_wrap=True)
 
 
-@app.command()
 def evaluate(
     checkpoint: str = typer.Argument(..., help="checkpoint directory or s3:// URI"),
     data: Optional[Path] = typer.Option(None, "--data", help="a spec whose data section to evaluate on; default: the checkpoint's"),
@@ -115,18 +98,9 @@ def evaluate(
         console.print(f"grid: {save_grid(segmenter, cfg.data, split, grid, samples)}", soft_wrap=True)
 
 
-def _register_extensions() -> None:
-    import jobs.cli
-    import serving.cli
-
+def register(app: typer.Typer) -> None:
+    """Add evaluate and data to the `seminar` app."""
     from .data.cli import data_app
 
-    app.add_typer(data_app, name="data", help="Inspect click files and datasets.")
-    jobs.cli.register(app)
-    serving.cli.register(app)
-
-
-_register_extensions()
-
-if __name__ == "__main__":
-    app()
+    app.command("evaluate")(evaluate)
+    app.add_typer(data_app, name="data", help="Inspect click data and datasets.")

@@ -31,12 +31,12 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import build_dataset
 from .data.base import IGNORE_INDEX
-from .data.inspect import dataset_click_purity
+from .data.inspect import ClickPurity
 from .data.transforms import SeminarViews
 from .exchange import CompactPrediction, Exchange
 from .method import EmaTeacher, fuse_pseudo_labels, student_losses
 from .metrics import ConfusionMatrix
-from .models import build_model
+from .models import Ensemble, build_model
 
 Reporter = Callable[[dict[str, float], "str | None"], None]
 
@@ -167,15 +167,6 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
     views = SeminarViews(cfg.data.crop_size, cfg.data.scale_range, cfg.data.click_radius,
                          [s.augment for s in cfg.students], seed=optim.seed)
     students = {k: build_student(cfg, k, info.num_classes, ctx) for k in ctx.students}
-    # Click purity as training draws the clicks, where the training images have masks: in
-    # every report, so the log says how clean the supervision is.
-    data_metrics: dict[str, float] = {}
-    if 0 in students and ctx.replica == 0:
-        purity = dataset_click_purity(train_set, cfg.data.click_radius)
-        if purity.drawn:
-            data_metrics = {"data/click_purity": purity.overall,
-                            **{f"data/click_purity/{c}": v for c, v in purity.per_class().items()}}
-
     start = 0
     saved_look_ahead: dict[int, dict] = {}
     if resume_from:
@@ -239,6 +230,9 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
     teacher_probs = restore_look_ahead(start) if len(saved_look_ahead) == len(students) else look_ahead(start, batch)
 
     sums: dict[str, float] = defaultdict(float)
+    # Click purity of the batches as trained on (crops, flips, scale), where the training
+    # images have masks: in every report, so the log says how clean the supervision is.
+    purity = ClickPurity(cfg.data.click_radius)
     counted = 0
     last: dict[str, float] = {}
     per_replica = optim.batch_size // ctx.num_replicas
@@ -276,6 +270,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
                 sums[f"s{k}/{name}"] += value
             sums[f"s{k}/exchange_wait"] += wait
 
+        add_click_purity(purity, batch)
         step_time = time.perf_counter() - t0
         # CPU seconds of this whole process (torch's threads, Ray's): against step_time it
         # tells work done from time spent waiting for a core, a GPU or data.
@@ -292,7 +287,11 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
         is_ckpt = done % cfg.schedule.checkpoint_every == 0 or done == optim.steps
         if done % cfg.schedule.log_every == 0 or is_eval or is_ckpt:
             last = {name: value / counted for name, value in sums.items()}
-            last.update(step=done, epoch=done * optim.batch_size / len(train_set), **data_metrics)
+            last.update(step=done, epoch=done * optim.batch_size / len(train_set))
+            if purity.drawn:
+                last.update({"data/click_purity": purity.overall,
+                             **{f"data/click_purity/{c}": v for c, v in purity.per_class().items()}})
+            purity = ClickPurity(cfg.data.click_radius)
             sums.clear()
             counted = 0
             if is_eval:
@@ -308,6 +307,13 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             else:
                 report(dict(last), None)
     return last
+
+
+def add_click_purity(purity: ClickPurity, batch: dict[str, torch.Tensor]) -> None:
+    """Add a batch's click disks to `purity`, for the images with a ground-truth mask."""
+    for click_map, mask in zip(batch["click_map"].cpu().numpy(), batch["mask"].cpu().numpy()):
+        if (mask != IGNORE_INDEX).any():
+            purity.add_disks(click_map, mask)
 
 
 @torch.no_grad()
@@ -332,18 +338,6 @@ def instruments(batch: dict[str, torch.Tensor], logits: torch.Tensor,
     return out
 
 
-class TeacherEnsemble(nn.Module):
-    """The mean of several teachers' probabilities (as log-probabilities, so argmax and
-    softmax downstream see what the served ensemble answers)."""
-
-    def __init__(self, teachers: list[nn.Module]):
-        super().__init__()
-        self.teachers = nn.ModuleList(teachers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([t(x).softmax(1) for t in self.teachers]).mean(0).log()
-
-
 def validate(cfg: TrainConfig, students: dict[int, Student], val_set, views: SeminarViews, num_classes: int,
              ctx: WorkerContext) -> dict[str, float]:
     """Every hosted student's and teacher's val mIoU and per-class IoU (and, with every
@@ -353,7 +347,7 @@ def validate(cfg: TrainConfig, students: dict[int, Student], val_set, views: Sem
         models[f"s{k}/val_miou_student"] = s.net
         models[f"s{k}/val_miou_teacher"] = s.teacher
     if len(students) == cfg.num_students > 1:
-        models["val_miou_teacher_ensemble"] = TeacherEnsemble([s.teacher for s in students.values()])
+        models["val_miou_teacher_ensemble"] = Ensemble([s.teacher for s in students.values()])
     out = {}
     for name, cm in evaluate(models, val_set, views, num_classes, ctx).items():
         out[name] = cm.miou()

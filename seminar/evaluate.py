@@ -65,7 +65,7 @@ def save_grid(segmenter: Segmenter, data: DataConfig, split: str, path: str | Pa
         sample = dataset.load(int(i))  # the original photo, as the endpoint would get it
         label, _ = segmenter.segment(sample.image)
         # its clicks as training drew them (at data.load_scale), back in original pixels
-        clicks = dataset[int(i)].clicks.copy()
+        clicks = dataset.at_scale(int(i), sample).clicks.copy()
         clicks[:, :2] = (clicks[:, :2] + 0.5) / data.load_scale - 0.5
         panels = [("image", sample.image), ("clicks", sample.image),
                   ("prediction", colorize(label, segmenter.palette)),

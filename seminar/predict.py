@@ -10,7 +10,7 @@ from torch import nn
 from . import checkpoint
 from .config import TrainConfig
 from .data.transforms import model_input
-from .models import build_model
+from .models import Ensemble, build_model
 
 WHICH = ("best_teacher", "primary_teacher", "primary_student", "teacher_ensemble")
 
@@ -40,6 +40,7 @@ class Segmenter:
 
     def __init__(self, models: list[nn.Module], meta: dict, which: str, device: str | torch.device = "cpu"):
         self.models = [m.to(device).eval() for m in models]
+        self.network = self.models[0] if len(self.models) == 1 else Ensemble(self.models)
         self.meta = meta
         self.which = which
         spec = TrainConfig.model_validate(meta["spec"])
@@ -78,11 +79,7 @@ class Segmenter:
     @torch.no_grad()
     def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] normalised images -> [B,C,H,W] class probabilities."""
-        images = images.to(self.device)
-        probs = self.models[0](images).softmax(1)
-        for m in self.models[1:]:
-            probs += m(images).softmax(1)
-        return probs / len(self.models)
+        return self.network(images.to(self.device)).softmax(1)
 
     def model_input(self, image: np.ndarray, max_long_side: int | None = None) -> torch.Tensor:
         """An original uint8 [H,W,3] RGB image as this model takes it: normalised [3,h,w]."""

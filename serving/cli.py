@@ -19,6 +19,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from seminar.cli import fail
+
 console = Console()
 
 
@@ -61,16 +63,13 @@ def serve_command(
         cfg = serving_config(config, overrides, num_replicas=replicas, min_replicas=min_replicas,
                              max_replicas=max_replicas)
     except (SpecError, ValidationError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+        fail(str(e))
     if detach and not address:
-        console.print("[red]error:[/] --detach needs --address (a local Ray ends with this command)")
-        raise typer.Exit(2)
+        fail("--detach needs --address (a local Ray ends with this command)")
     try:  # fail here, with the user's words, rather than in a replica's log
         resolved = resolve_model_uri(model, registry)
     except Exception as e:  # noqa: BLE001 - registry, storage and file errors alike
-        console.print(f"[red]error:[/] cannot load model {model!r}: {e}")
-        raise typer.Exit(2)
+        fail(f"cannot load model {model!r}: {e}")
 
     import ray
     from ray import serve

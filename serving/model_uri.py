@@ -7,7 +7,7 @@ MODEL is any of
     for its latest version (local or `s3://`);
   - `<model>` or `<model>/<version>` in the default registry ($SEMINAR_REGISTRY).
 
-Registry versions go through `jobs.registry.resolve_model`, which verifies checksums and
+Registry versions go through `seminar.registry.resolve_model`, which verifies checksums and
 caches S3 downloads.
 """
 
@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.registry import resolve_model
+from seminar.registry import resolve_model
 from seminar import checkpoint, storage
 
 REGISTRY_METADATA = "metadata.json"  # present in a registry version, next to meta.json

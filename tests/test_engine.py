@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from seminar import checkpoint
-from seminar.cli import app
+from jobs.main import app
 from seminar.config import load_spec
 from seminar.engine import WorkerContext, train_worker
 from seminar.exchange import InProcessExchange
@@ -72,6 +72,9 @@ def test_seminar_run_reports_every_student_and_checkpoints(tmp_path):
         assert last[f"s{k}/loss_ss"] > 0 and last[f"s{k}/loss_ts"] > 0
         # diagnostics against the synthetic masks (never trained on)
         assert 0 <= last[f"s{k}/diag_pseudo_acc"] <= 1 and 0 <= last[f"s{k}/diag_student_acc"] <= 1
+    # click purity of the batches as trained on (synthetic masks): reported with every log line
+    assert all(0.9 <= m["data/click_purity"] <= 1 for m in logged), [m.get("data/click_purity") for m in logged]
+    assert {k for k in last if k.startswith("data/click_purity/")}
     # the served network: the best of the teachers and their ensemble on val, named in the checkpoint
     scores = {"teacher_0": last["s0/val_miou_teacher"], "teacher_1": last["s1/val_miou_teacher"],
               "teacher_ensemble": last["val_miou_teacher_ensemble"]}

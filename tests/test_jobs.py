@@ -20,11 +20,11 @@ import ray  # noqa: F401 - imported here, not first inside CliRunner: Ray's log 
 import yaml
 from typer.testing import CliRunner
 
-from jobs.registry import IntegrityError, ModelRegistry, RegistryError, resolve_model
+from seminar.registry import IntegrityError, ModelRegistry, RegistryError, resolve_model
 from jobs.spec import load_checked_spec
 from jobs.submit import (WORKING_DIR_EXCLUDES, ClusterError, auth_token, for_cluster, resolve_address,
                          stage_working_dir)
-from seminar.cli import app
+from jobs.main import app
 from seminar.config import SpecError, load_spec
 
 from conftest import PYTHON, REPO, SHARED_DATA, free_port
@@ -285,7 +285,7 @@ def _jobs_list_in_subprocess(address: str, env_changes: dict[str, str | None]) -
     # Ray caches the auth token per process: another token needs another process.
     env = {k: v for k, v in os.environ.items() if k not in env_changes}
     env.update({k: v for k, v in env_changes.items() if v is not None})
-    return subprocess.run([PYTHON, "-m", "seminar.cli", "jobs", "list", "--address", address],
+    return subprocess.run([PYTHON, "-m", "jobs.main", "jobs", "list", "--address", address],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -382,7 +382,7 @@ def test_kuberay_rayjob_runs_a_valid_spec_on_gpu_workers(tmp_path):
     spec_file = tmp_path / "job_spec.yaml"
     spec_file.write_text(config_map["data"]["job_spec.yaml"])
     cfg = load_spec(spec_file)  # the embedded spec is a valid spec (its data lives on the cluster)
-    assert "seminar.cli train --config /etc/seminar/job_spec.yaml" in job["spec"]["entrypoint"]
+    assert "jobs.main train --config /etc/seminar/job_spec.yaml" in job["spec"]["entrypoint"]
 
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__ and cluster["authOptions"]["mode"] == "token"

@@ -44,7 +44,7 @@ def synthetic_image(index: int, height: int = 64, width: int = 64) -> np.ndarray
 @pytest.fixture(scope="module")
 def registry_model(tmp_path_factory):
     """(registry name to serve, local checkpoint) - the checkpoint published as version 1."""
-    from jobs.registry import ModelRegistry
+    from seminar.registry import ModelRegistry
 
     root = tmp_path_factory.mktemp("serving")
     checkpoint = make_checkpoint(root / "checkpoint", model="deeplabv3plus_resnet18")

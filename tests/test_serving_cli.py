@@ -51,7 +51,7 @@ def test_seminar_serve_command(ray_session, tmp_path):
 
     checkpoint = make_checkpoint(tmp_path / "checkpoint")
     port = free_port()
-    command = [sys.executable, "-m", "seminar.cli", "serve", str(checkpoint), "--address", ray_session.address,
+    command = [sys.executable, "-m", "jobs.main", "serve", str(checkpoint), "--address", ray_session.address,
                "--port", str(port), "--replicas", "1", "--set", "infer_size=64", "--set", "torch_threads=1"]
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

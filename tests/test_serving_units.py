@@ -239,7 +239,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_resolve_checkpoint_and_registry_names(checkpoint, tmp_path, monkeypatch):
-    from jobs.registry import ModelRegistry
+    from seminar.registry import ModelRegistry
     from serving.model_uri import resolve_model_uri
 
     direct = resolve_model_uri(str(checkpoint))
@@ -303,7 +303,7 @@ def test_serve_config_yaml_builds_the_application(checkpoint):
 def test_cli_registers_serve_and_refuses_unknown_models(tmp_path):
     from typer.testing import CliRunner
 
-    from seminar.cli import app
+    from jobs.main import app
 
     runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
     help_text = runner.invoke(app, ["serve", "--help"]).output

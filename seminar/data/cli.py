@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from seminar.cli import fail
 from seminar.data.clicks import ClickFileError
 from seminar.data.inspect import ClickReport, inspect_clicks
 
@@ -70,6 +70,5 @@ def inspect_command(
     try:
         report = inspect_clicks(clicks, masks_dir=masks, images_dir=images, radius=radius)
     except ClickFileError as e:
-        console.print(Text("error: ", style="red") + Text(str(e)))
-        raise typer.Exit(1) from None
+        fail(str(e), code=1)
     print_report(report, console)

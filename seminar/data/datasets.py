@@ -149,7 +149,8 @@ def rescale(sample: Sample, scale: float) -> Sample:
 
 
 class SegmentationDataset(Dataset):
-    """`load(i)` reads sample i at its original size; `__getitem__` applies load_scale."""
+    """`load(i)` reads sample i at its original size; `__getitem__` applies load_scale
+    (`at_scale`, which callers holding an original already use instead of decoding again)."""
 
     info: DatasetInfo
     image_ids: list[str]
@@ -160,10 +161,14 @@ class SegmentationDataset(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, i: int) -> Sample:
-        return rescale(self.load(i), self.load_scale)
+        return self.at_scale(i, self.load(i))
 
     def load(self, i: int) -> Sample:
         raise NotImplementedError
+
+    def at_scale(self, i: int, sample: Sample) -> Sample:
+        """Sample i, as `load(i)` gave it, at the scale training sees it."""
+        return rescale(sample, self.load_scale)
 
 
 def _load_click_tables(
@@ -416,10 +421,10 @@ class CamVidDataset(SegmentationDataset):
         image = read_image(self.image_paths[i])
         return Sample(self.image_ids[i], image, self._read_mask(self.mask_paths[i], image.shape[:2]))
 
-    def __getitem__(self, i: int) -> Sample:
+    def at_scale(self, i: int, sample: Sample) -> Sample:
         # Clicks are simulated on the mask at the resolution training sees, so that each
         # click's disk stays on its object there.
-        sample = rescale(self.load(i), self.load_scale)
+        sample = rescale(sample, self.load_scale)
         if i not in self._clicks:  # simulating costs more than decoding: once per image and process
             self._clicks[i] = simulate_clicks(sample.mask, len(CAMVID_CLASSES), self.min_area,
                                               [self.click_seed, _seed_of(sample.image_id)], radius=self.click_radius)

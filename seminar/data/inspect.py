@@ -34,7 +34,10 @@ class ClickPurity:
     images: int = 0
 
     def add(self, clicks: np.ndarray, mask: np.ndarray) -> None:
-        disks = rasterize_clicks(clicks, *mask.shape, self.radius)
+        self.add_disks(rasterize_clicks(clicks, *mask.shape, self.radius), mask)
+
+    def add_disks(self, disks: np.ndarray, mask: np.ndarray) -> None:
+        """One image's click disks already drawn (a click map: class or IGNORE_INDEX per pixel)."""
         for c in np.unique(disks[disks != IGNORE_INDEX]).tolist():
             pixels = disks == c
             self.drawn[c] = self.drawn.get(c, 0) + int(pixels.sum())
@@ -47,17 +50,6 @@ class ClickPurity:
 
     def per_class(self) -> dict[int, float]:
         return {c: self.on_class[c] / self.drawn[c] for c in sorted(self.drawn)}
-
-
-def dataset_click_purity(dataset, radius: int, limit: int = 200) -> ClickPurity:
-    """Click purity of a dataset's clicks as training draws them (at its load_scale), over
-    up to `limit` images spread evenly through it, of those that have masks."""
-    purity = ClickPurity(radius)
-    for i in np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(int):
-        sample = dataset[int(i)]
-        if sample.mask is not None:
-            purity.add(sample.clicks, sample.mask)
-    return purity
 
 
 @dataclass

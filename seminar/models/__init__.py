@@ -105,3 +105,16 @@ def load_backbone_weights(backbone: nn.Module, path: str | PathLike[str]) -> Non
             f"weights file {path} does not fit the {type(backbone).__name__} backbone: " + "; ".join(problems)
         )
     backbone.load_state_dict(state)
+
+
+class Ensemble(nn.Module):
+    """Several segmentation networks as one: the mean of their class probabilities, returned
+    as log-probabilities so that argmax and softmax downstream see the ensemble's answer
+    (validation scores the teachers' ensemble with it; the endpoint serves it)."""
+
+    def __init__(self, networks: list[nn.Module]):
+        super().__init__()
+        self.networks = nn.ModuleList(networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([n(x).softmax(1) for n in self.networks]).mean(0).log()

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from seminar import checkpoint
+from . import checkpoint
 
 METADATA_FILE = "metadata.json"
 CHECKPOINT_META = checkpoint.META  # written by training; marks a checkpoint dir
