@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -241,9 +242,31 @@ class ModelVersion:
 
 
 def _check_model_name(model: str) -> str:
-    if not model or "/" in model or model.startswith(".") or model.isdigit():
-        raise RegistryError(f"model name {model!r}: use a non-empty name without '/' that is not a number")
+    """A model name is one path component, so it cannot reach outside its registry."""
+    if not model or "/" in model or "\\" in model or model.startswith(".") or model.isdigit():
+        raise RegistryError(f"model name {model!r}: use a non-empty name without '/' that is not a number "
+                            "and does not start with '.'")
     return model
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _checked_files(metadata: Any, where: str) -> dict[str, dict]:
+    """The `files` of a version's metadata, each a plain relative path inside the version
+    with a sha256: checked before any file is read or written, so a crafted metadata.json
+    cannot make a fetch write (or a check read) outside the version directory."""
+    files = metadata.get("files") if isinstance(metadata, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise IntegrityError(f"{where}: {METADATA_FILE} lists no files")
+    for rel, info in files.items():
+        parts = rel.split("/") if isinstance(rel, str) else [""]
+        if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts) or ":" in rel:
+            raise IntegrityError(f"{where}: {METADATA_FILE} names the file {rel!r}, which is not a plain "
+                                 "relative path inside the version; refused, nothing was written")
+        if not isinstance(info, dict) or not _SHA256.match(str(info.get("sha256", ""))):
+            raise IntegrityError(f"{where}: {METADATA_FILE}: file {rel!r} has no valid sha256")
+    return files
 
 
 class ModelRegistry:
@@ -262,6 +285,7 @@ class ModelRegistry:
     @_wrap_storage_errors
     def versions(self, model: str) -> list[int]:
         """Committed versions of model (those with metadata.json), oldest first."""
+        _check_model_name(model)
         numbered = sorted(int(v) for v in self.store.list_dirs(model) if v.isdigit())
         return [v for v in numbered if self.store.read_bytes(model, str(v), METADATA_FILE) is not None]
 
@@ -278,10 +302,12 @@ class ModelRegistry:
             raise RegistryError(f"model '{model}' has no version {version} in {self.uri} "
                                 f"(versions: {', '.join(map(str, versions))})")
         raw = self.store.read_bytes(model, str(version), METADATA_FILE)
+        where = self.store.join(model, str(version), METADATA_FILE)
         try:
             metadata = json.loads(raw)
         except ValueError:
-            raise IntegrityError(f"{self.store.join(model, str(version), METADATA_FILE)}: not valid JSON") from None
+            raise IntegrityError(f"{where}: not valid JSON") from None
+        _checked_files(metadata, where)
         return ModelVersion(model, version, self.store.join(model, str(version)), metadata)
 
     @_wrap_storage_errors
@@ -293,7 +319,7 @@ class ModelRegistry:
         verified after every download and on every later use.
         """
         mv = self.get(model, version)
-        files = mv.metadata.get("files") or {}
+        files = mv.metadata["files"]  # checked by get(): plain relative paths
         if isinstance(self.store, _LocalStore):
             local = Path(mv.uri)
         else:
@@ -375,11 +401,13 @@ def _mkdir(p: Path) -> Path:
 
 
 def verify_files(local: Path, files: dict[str, dict], where: str) -> None:
-    """Every recorded file exists under local with its recorded sha256."""
-    if not files:
-        raise IntegrityError(f"{where}: {METADATA_FILE} lists no files")
+    """Every recorded file exists under local, inside it (no symlink out), with its recorded sha256."""
+    files = _checked_files({"files": files}, where)
+    root = local.resolve()
     for rel, info in files.items():
         path = local / rel
+        if path.is_file() and not path.resolve().is_relative_to(root):
+            raise IntegrityError(f"{where}: file {rel} is a link to outside the version; refused")
         if not path.is_file():
             raise IntegrityError(f"{where}: file {rel} is missing")
         if sha256_file(path) != info["sha256"]:
@@ -411,10 +439,10 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     """'name' -> (name, None); 'name/3' -> (name, 3)."""
     head, _, tail = ref.strip("/").rpartition("/")
     if head and tail.isdigit():
-        return head, int(tail)
+        return _check_model_name(head), int(tail)
     if head:
         raise RegistryError(f"model reference {ref!r}: expected NAME or NAME/VERSION")
-    return tail, None
+    return _check_model_name(tail), None
 
 
 def resolve_model(uri_or_name: str, registry: str | None = None, cache_dir: str | Path | None = None) -> Path:

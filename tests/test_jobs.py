@@ -232,6 +232,41 @@ def test_registry_versions_metadata_and_integrity(registry_uri, tmp_path, monkey
         reg.get("nope")
 
 
+@pytest.mark.parametrize("bad_file", ["../../../../escaped.pt", "/tmp/absolute.pt", "student_0/../../x.pt", ""])
+def test_registry_refuses_metadata_naming_files_outside_the_version(registry_uri, tmp_path, monkeypatch, bad_file):
+    """A crafted metadata.json cannot make a fetch write (or a check read) outside the
+    version: refused by name before anything is written."""
+    monkeypatch.setenv("SEMINAR_MODEL_CACHE", str(tmp_path / "cache"))
+    reg = ModelRegistry(registry_uri)
+    version = reg.publish(fake_checkpoint(tmp_path / "ckpt", 0.4), "demo")
+    metadata = dict(version.metadata)
+    metadata["files"] = {**metadata["files"], bad_file: {"sha256": "0" * 64, "bytes": 4}}
+    reg.store.put_bytes(json.dumps(metadata).encode(), "demo", "1", "metadata.json")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(IntegrityError, match="not a plain relative path"):
+        resolve_model("demo/1", registry=registry_uri)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not Path("/tmp/absolute.pt").exists()
+
+
+@pytest.mark.parametrize("ref", ["good/../../outside/evil/1", "demo/../../../etc", "a\\..\\b"])
+def test_registry_model_names_stay_inside_the_registry(tmp_path, ref):
+    with pytest.raises(RegistryError, match="model name|model reference"):
+        resolve_model(ref, registry=str(tmp_path / "registry"))
+
+
+def test_registry_refuses_a_link_out_of_the_version(tmp_path):
+    registry = tmp_path / "registry"
+    ModelRegistry(str(registry)).publish(fake_checkpoint(tmp_path / "ckpt", 0.4), "demo")
+    teacher = registry / "demo" / "1" / "student_0" / "teacher.pt"
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(teacher.read_bytes())  # same bytes, same sha256: only the link is wrong
+    teacher.unlink()
+    teacher.symlink_to(outside)
+    with pytest.raises(IntegrityError, match="link to outside"):
+        resolve_model("demo/1", registry=str(registry))
+
+
 def test_models_cli_list_show(tmp_path):
     registry = str(tmp_path / "registry")
     ModelRegistry(registry).publish(fake_checkpoint(tmp_path / "ckpt", 0.55), "demo")
