@@ -8,7 +8,6 @@ storage path only fails once the first checkpoint is uploaded.
 from __future__ import annotations
 
 import math
-import secrets
 import socket
 
 from seminar import storage
@@ -52,18 +51,9 @@ def check_address(address: str | None, timeout_s: float = 3.0) -> None:
 def check_storage(uri: str, run_name: str) -> None:
     """Write and delete a probe object where the run's checkpoints will go."""
     try:
-        fs, path = storage.filesystem(uri)
-        run_dir = f"{path}/{run_name}"
-        probe = f"{run_dir}/.write-probe-{secrets.token_hex(4)}"
-        fs.create_dir(run_dir, recursive=True)
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        fs.delete_file(probe)
-    except (OSError, ValueError) as e:
-        raise StorageNotWritable(
-            f"storage.path {uri!r} is not writable ({type(e).__name__}: {e}); checkpoints could not be "
-            "saved there. Use a writable local directory or an s3://bucket/prefix whose bucket exists "
-            "(credentials and endpoint come from AWS_* environment variables)") from None
+        storage.check_writable(uri, run_name)
+    except storage.NotWritable as e:
+        raise StorageNotWritable(str(e)) from None
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:

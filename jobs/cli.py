@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from seminar.cli import errors, fail
+from seminar.cli import errors, fail, spec_from_options
 from seminar.config import SpecError, TrainConfig
 
 # In a terminal, its width; in logs and pipes (a submitted sweep's table), wide enough.
@@ -34,16 +34,6 @@ REGISTRY_HELP = "model registry: a local directory or s3://bucket/prefix; defaul
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, status, logs, stop.")
 models_app = typer.Typer(no_args_is_help=True, help="Published models in a registry.")
-
-
-def checked_spec(spec: Path, overrides: list[str]) -> TrainConfig:
-    """The spec, validated in full (schema, paths, classes, sweep); exit 2 naming the fields."""
-    from jobs.spec import load_checked_spec
-
-    try:
-        return load_checked_spec(spec, overrides)
-    except SpecError as e:
-        fail(str(e), code=2)
 
 
 def _remote_address(address: Optional[str]) -> Optional[str]:
@@ -72,7 +62,7 @@ def submit(
     """Submit a training job to a Ray cluster (Ray Jobs API); prints the job id."""
     from jobs.submit import ClusterError, connect, follow_logs, submit_spec
 
-    cfg = checked_spec(spec, overrides)
+    cfg = spec_from_options(spec, overrides)
     try:
         client = connect(address)
         job = submit_spec(cfg, address, kind="train", client=client, python=python)
@@ -100,7 +90,7 @@ def tune(
         overrides = [*overrides, f"sweep.registry={registry}"]
     if name:
         overrides = [*overrides, f"sweep.name={name}"]
-    cfg = checked_spec(spec, overrides)
+    cfg = spec_from_options(spec, overrides)
     if cfg.sweep is None or not cfg.sweep.params:
         fail(f"{spec}: sweep.params: name at least one field to sweep (see jobs/configs/sweep.yaml)", code=2)
 

@@ -36,6 +36,7 @@ def train(
     """Train the students, evaluate them, save a checkpoint."""
     from seminar.config import SpecError
     from seminar.data import ClickFileError, DatasetError
+    from seminar.storage import NotWritable
 
     cfg = spec_from_options(config, overrides)
     try:
@@ -50,7 +51,7 @@ def train(
                 result = run_training(cfg, address=address, console=seminar.cli.console)
             except PreflightError as e:
                 fail(str(e))
-    except (ClickFileError, DatasetError, SpecError, FileNotFoundError) as e:
+    except (ClickFileError, DatasetError, SpecError, NotWritable, FileNotFoundError) as e:
         fail(str(e))
     seminar.cli.print_training_summary(cfg, result)
 

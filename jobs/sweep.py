@@ -41,7 +41,8 @@ from rich.table import Table
 
 from cluster.trainer import build_trainer, connect, storage_location
 from seminar.registry import ModelRegistry, default_registry
-from jobs.spec import candidate_values, set_field
+from seminar.checks import candidate_values
+from seminar.config import set_field
 from seminar.config import SweepConfig, TrainConfig
 
 TRIAL_RUNS_DIR = "runs"

@@ -72,9 +72,31 @@ def update_meta(directory: str | Path, **fields) -> None:
     """Change fields of a local checkpoint's meta.json (the Ray driver names the served
     network once it has every worker's metrics)."""
     path = Path(directory) / META
-    meta = json.loads(path.read_text())
+    meta = _load_json(path)
     meta.update(fields)
     path.write_text(json.dumps(meta, indent=1))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, not ours, tampered); names the file."""
+
+
+def _load_tensors(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise CheckpointError(f"{path}: not a readable weights file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
 
 
 def read_student(directory: str | Path, k: int) -> dict:
@@ -82,10 +104,10 @@ def read_student(directory: str | Path, k: int) -> dict:
     d = Path(directory) / student_dir(k)
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint {directory} has no {student_dir(k)}/")
-    load = lambda name: torch.load(d / name, map_location="cpu", weights_only=True)  # noqa: E731
+    load = lambda name: _load_tensors(d / name)  # noqa: E731
     return {"student": load("student.pt"), "teacher": load("teacher.pt"), "optimizer": load("optimizer.pt"),
             "look_ahead": load(LOOK_AHEAD) if (d / LOOK_AHEAD).is_file() else None,
-            "step": json.loads((d / "state.json").read_text())["step"]}
+            "step": _load_json(d / "state.json")["step"]}
 
 
 def weights_file(k: int, network: str) -> str:
@@ -98,7 +120,7 @@ def read_weights(directory: str | Path, k: int, network: str) -> dict:
     path = Path(directory) / weights_file(k, network)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {directory} has no {weights_file(k, network)}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _load_tensors(path)
 
 
 def local_copy(uri: str, files: list[str] | None = None) -> Path:
@@ -133,4 +155,4 @@ def local_copy(uri: str, files: list[str] | None = None) -> Path:
 
 
 def read_meta(uri: str) -> dict:
-    return json.loads((local_copy(uri, []) / META).read_text())
+    return _load_json(local_copy(uri, []) / META)

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import SpecError, TrainConfig, load_spec
+from .config import SpecError, TrainConfig
 
 console = Console()
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)  # one line stays one line
@@ -28,8 +28,12 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def spec_from_options(config: Optional[Path], overrides: list[str]) -> TrainConfig:
+    """The spec from --config and --set, validated in full (schema, models, paths, classes,
+    sweep) before any work; exit 2 naming every bad field."""
+    from .checks import load_checked_spec
+
     try:
-        return load_spec(config, overrides)
+        return load_checked_spec(config, overrides)
     except SpecError as e:
         fail(str(e))
 

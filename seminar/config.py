@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a sensible setting (`optim.poly_power=.inf` must not train)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(Strict):
@@ -216,7 +217,7 @@ class SweepConfig(Strict):
           method.ss_start: {randint: [0, 100]}          # integers, high excluded
 
     Trials = num_samples x the product of the grid sizes. Whether each field exists and
-    each value is valid for it is checked against the spec by `jobs.spec`.
+    each value is valid for it is checked against the spec by `seminar.checks`.
     """
 
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -338,11 +339,87 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid spec {source}:"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        lines.append(f"  {field}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {field}: {msg}")
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        got = repr(e.get("input"))
+        got = got if len(got) <= 80 else got[:77] + "..."  # a value, not a whole section
+        lines.append(f"  {field}: {msg}" if e["type"] == "missing" else f"  {field}: {msg} (got {got})")
     return "\n".join(lines)
+
+
+# What a spec may be: a small file of plain YAML. PyYAML has no limits of its own, so the
+# loader below refuses aliases (a 300-byte alias bomb expands to gigabytes) and nesting
+# deeper than any spec needs (50,000 brackets overflow the parser's stack).
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_DEPTH = 32
+
+
+class _SpecLoader(yaml.SafeLoader):
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise SpecError(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a spec")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_SPEC_DEPTH:
+                mark = self.peek_event().start_mark
+                raise SpecError(f"line {mark.line + 1}: nested deeper than {MAX_SPEC_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml(text: str, source: str):
+    """Plain YAML (no aliases, bounded depth) -> Python values; SpecError naming `source`."""
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def read_spec_file(path: str | os.PathLike) -> dict:
+    """A spec file's sections: at most MAX_SPEC_BYTES of UTF-8 plain YAML, a mapping at the top."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file not found: {p}")
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"{p}: {p.stat().st_size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,}")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SpecError(f"{p}: line {line}: not UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    raw = parse_yaml(text, str(p)) or {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{p}: the top level must be a mapping of sections")
+    return raw
+
+
+def set_field(raw: dict, dotted: str, value: Any) -> None:
+    """raw['a']['b'][0]['c'] = value for dotted 'a.b.0.c' (list items by index, which must
+    exist); SpecError naming the path where it does not fit the spec's shape."""
+    parts = dotted.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i + 1])
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SpecError(f"{dotted}: {here}: no such item (the list has {len(node)}: "
+                                f"0..{len(node) - 1})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise SpecError(f"{dotted}: {'.'.join(parts[:i])} is a value, not a section")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -351,38 +428,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise SpecError(f"--set {item!r}: expected key=value")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for i, p in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[int(p)]
-                continue
-            node = node.setdefault(p, {})
-            if not isinstance(node, (dict, list)):
-                raise SpecError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
-        last = parts[-1]
-        parsed = yaml.safe_load(value) if value != "" else None
-        if isinstance(node, list):
-            node[int(last)] = parsed
-        else:
-            node[last] = parsed
+        parsed = parse_yaml(value, f"--set {key}") if value != "" else None
+        try:
+            set_field(raw, key, parsed)
+        except SpecError as e:
+            raise SpecError(f"--set {e}") from None
     return raw
 
 
 def load_spec(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML spec (None = the embedded default), apply overrides, validate in full."""
     source = str(path) if path else "(default)"
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise SpecError(f"spec file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SpecError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise SpecError(f"{p}: the top level must be a mapping of sections")
+    raw: dict = read_spec_file(path) if path else {}
     if overrides:
         if "students" in raw or any(o.startswith("students.") for o in overrides):
             raw.setdefault("students", [s.model_dump() for s in _default_students()])

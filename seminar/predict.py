@@ -60,6 +60,9 @@ class Segmenter:
     @classmethod
     def load(cls, uri: str, which: str | None = None, device: str | torch.device = "cpu") -> "Segmenter":
         meta = checkpoint.read_meta(uri)
+        missing = [key for key in ("spec", "classes", "palette", "version") if key not in meta]
+        if missing:
+            raise checkpoint.CheckpointError(f"{uri}: {checkpoint.META} has no {', '.join(missing)}")
         cfg = TrainConfig.model_validate(meta["spec"])
         which = which or cfg.method.inference
         if which not in WHICH:

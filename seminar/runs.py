@@ -64,6 +64,7 @@ def latest_checkpoint(cfg: TrainConfig) -> str | None:
 def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResult:
     console = console or Console()
     cfg = with_run_name(cfg)
+    storage.check_writable(cfg.storage.path, cfg.storage.run_name)
     resume = latest_checkpoint(cfg)
     resume_local = str(checkpoint.local_copy(resume)) if resume else None
     if resume:

@@ -8,6 +8,7 @@ the endpoint come from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -78,3 +79,25 @@ def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+class NotWritable(ValueError):
+    """A run's storage that cannot take its checkpoints."""
+
+
+def check_writable(uri: str, run_name: str) -> None:
+    """Write and delete a probe object where a run's checkpoints will go, so that an
+    unwritable `storage.path` fails before the first step, not at the first checkpoint."""
+    try:
+        fs, path = filesystem(uri)
+        run_dir = f"{path}/{run_name}"
+        probe = f"{run_dir}/.write-probe-{secrets.token_hex(4)}"
+        fs.create_dir(run_dir, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:
+        raise NotWritable(
+            f"storage.path {uri!r} is not writable ({type(e).__name__}: {' '.join(str(e).split())}); checkpoints "
+            "could not be saved there. Use a writable local directory or an s3://bucket/prefix whose bucket "
+            "exists (credentials and endpoint come from AWS_* environment variables)") from None

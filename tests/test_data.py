@@ -456,7 +456,7 @@ def test_inspect_counts_classes_empty_lists_and_clicks_off_the_image(tmp_path):
     assert result.exit_code == 0, result.output
     assert "person" in result.output and "size-checked" in result.output
     result = CliRunner().invoke(data_app, ["inspect", str(tmp_path / "nothing.json")])
-    assert result.exit_code == 1 and "not found" in result.output
+    assert result.exit_code == 2 and "not found" in result.output
 
 
 @pytest.mark.skipif(not WTP_MAIN.is_file(), reason=f"the real What's the Point file is not at {WTP_MAIN}")

@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from seminar.registry import IntegrityError, ModelRegistry, RegistryError, resolve_model
-from jobs.spec import load_checked_spec
+from seminar.checks import load_checked_spec
 from jobs.submit import (WORKING_DIR_EXCLUDES, ClusterError, auth_token, for_cluster, resolve_address,
                          stage_working_dir)
 from jobs.main import app

@@ -70,5 +70,5 @@ def inspect_command(
     try:
         report = inspect_clicks(clicks, masks_dir=masks, images_dir=images, radius=radius)
     except ClickFileError as e:
-        fail(str(e), code=1)
+        fail(str(e))
     print_report(report, console)

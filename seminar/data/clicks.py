@@ -50,6 +50,13 @@ class ClickFileError(ValueError):
     """A click file or table that cannot be used; the message says where and why."""
 
 
+# What a click's fields may hold before the dataset is known: coordinates inside any real
+# image, a class that fits a uint8 label map (255 is "ignore"), a rank int16 can hold.
+MAX_COORD = 1e6
+FIELD_RANGES = {"x": (-MAX_COORD, MAX_COORD), "y": (-MAX_COORD, MAX_COORD), "cls": (0, IGNORE_INDEX - 1),
+                "rank": (1, 32767)}
+
+
 def _where(path: str, image_id: str | None = None, index: int | None = None, field: str | None = None) -> str:
     parts = [str(path)]
     if image_id is not None:
@@ -115,10 +122,18 @@ def with_empty_image_ids(table: pa.Table, image_ids: Iterable[str]) -> pa.Table:
     return table.replace_schema_metadata(metadata)
 
 
-def empty_image_ids(table: pa.Table) -> list[str]:
+def empty_image_ids(table: pa.Table, path: str = "click table") -> list[str]:
     """Images that were listed with no clicks."""
     raw = (table.schema.metadata or {}).get(EMPTY_IMAGES_KEY)
-    return json.loads(raw) if raw else []
+    if not raw:
+        return []
+    try:
+        ids = json.loads(raw)
+    except (ValueError, RecursionError):
+        ids = None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ClickFileError(f"{path}: schema metadata '{EMPTY_IMAGES_KEY.decode()}' is not a JSON list of image ids")
+    return ids
 
 
 def concat_click_tables(tables: Sequence[pa.Table]) -> pa.Table:
@@ -144,19 +159,44 @@ def _number(value, path: str, image_id: str, index: int, field: str, integer: bo
         raise ClickFileError(f"{_where(path, image_id, index, field)}: expected a number, got {value!r}")
     if integer and value != int(value):
         raise ClickFileError(f"{_where(path, image_id, index, field)}: expected an integer, got {value!r}")
+    low, high = FIELD_RANGES[field]
+    if not low <= value <= high:
+        raise ClickFileError(f"{_where(path, image_id, index, field)}: {value!r} is outside {low:g}..{high:g}")
     return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object that names a key twice would silently keep only its last list."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ClickFileError(f"image '{key}' is listed twice")
+        seen[key] = value
+    return seen
 
 
 def read_wtp_json(path: str, source: str) -> pa.Table:
     """Read a What's the Point click file into a click table labelled `source`."""
+    raw = _read_bytes(path)
     try:
-        data = json.loads(_read_bytes(path))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ClickFileError(f"{path}: line {line}: not UTF-8 (byte {e.start})") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise ClickFileError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ClickFileError(f"{path}: nested too deep for a click file") from None
+    except ClickFileError as e:
+        raise ClickFileError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ClickFileError(f"{path}: expected a JSON object mapping image ids to click lists")
     ids, xs, ys, classes, ranks, empty = [], [], [], [], [], []
     for image_id, clicks in data.items():
+        if not image_id or not image_id.isprintable():  # also lone surrogates, which no file can name
+            raise ClickFileError(f"{path}: image id {image_id!r} is not printable text")
         if not isinstance(clicks, list):
             raise ClickFileError(f"{_where(path, image_id)}: expected a list of clicks, got {type(clicks).__name__}")
         if not clicks:
@@ -227,7 +267,17 @@ def read_click_table(path: str, source: str | None = None) -> pa.Table:
             columns[name] = column.cast(expected, safe=True)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise ClickFileError(f"{path}: column '{name}' has type {column.type}, expected {expected}") from None
-    return with_empty_image_ids(pa.table(columns, schema=CLICK_SCHEMA), empty_image_ids(raw))
+    table = pa.table(columns, schema=CLICK_SCHEMA)
+    ids = None
+    for name, (low, high) in FIELD_RANGES.items():
+        values = table[name].to_numpy()
+        bad = np.flatnonzero(~np.isfinite(values) | (values < low) | (values > high))
+        if bad.size:
+            ids = table["image_id"].to_numpy(zero_copy_only=False) if ids is None else ids
+            row = int(bad[0])
+            raise ClickFileError(f"{_where(path, ids[row], _click_index(ids, row), name)}: {values[row]!r} is "
+                                 f"outside {low:g}..{high:g} (row {row}; {bad.size} such row(s))")
+    return with_empty_image_ids(table, empty_image_ids(raw, path))
 
 
 def load_clicks(path: str, source: str | None = None) -> pa.Table:

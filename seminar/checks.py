@@ -22,9 +22,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from seminar.config import SpecError, TrainConfig, load_spec
-
-from seminar.data.datasets import CAMVID_CLASSES, VOC_CLASSES
+from .config import SpecError, TrainConfig, load_spec, set_field
+from .data.datasets import CAMVID_CLASSES, VOC_CLASSES
 
 BUILTIN_NUM_CLASSES = {"voc": len(VOC_CLASSES), "camvid": len(CAMVID_CLASSES)}
 
@@ -47,7 +46,7 @@ def check_spec(cfg: TrainConfig, source: str = "spec") -> None:
 
 
 def check_models(cfg: TrainConfig) -> list[str]:
-    from seminar.models import MODEL_NAMES
+    from .models import MODEL_NAMES
 
     return [f"students.{k}.model: unknown model {s.model!r} (known: {', '.join(MODEL_NAMES)})"
             for k, s in enumerate(cfg.students) if s.model not in MODEL_NAMES]
@@ -115,7 +114,7 @@ def check_classes(cfg: TrainConfig) -> list[str]:
     if num_classes > 255:
         problems.append(f"data.classes: {num_classes} classes do not fit in uint8 labels (at most 255)")
 
-    from seminar.data.clicks import ClickFileError, load_clicks, validate_clicks
+    from .data.clicks import ClickFileError, load_clicks, validate_clicks
 
     click_files = [("data.clicks", data.clicks)] + [(f"data.extra_clicks.{i}", p) for i, p in enumerate(data.extra_clicks)]
     for field, path in click_files:
@@ -131,21 +130,6 @@ def check_classes(cfg: TrainConfig) -> list[str]:
 # --------------------------------------------------------------------------------------
 # The sweep's search space (jobs.sweep turns it into Tune's)
 # --------------------------------------------------------------------------------------
-
-
-def set_field(raw: dict, dotted: str, value: Any) -> None:
-    """raw['a']['b'][0]['c'] = value for dotted 'a.b.0.c' (list items by index)."""
-    parts = dotted.split(".")
-    node: Any = raw
-    for part in parts[:-1]:
-        if isinstance(node, list):
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-    if isinstance(node, list):
-        node[int(parts[-1])] = value
-    else:
-        node[parts[-1]] = value
 
 
 def candidate_values(dist: dict[str, Any]) -> list[Any]:
@@ -171,7 +155,7 @@ def check_search_space(cfg: TrainConfig) -> list[str]:
             try:
                 set_field(raw, name, value)
                 TrainConfig.model_validate(raw)
-            except (IndexError, ValueError, TypeError, AttributeError) as e:
+            except (SpecError, ValueError, TypeError) as e:
                 problems.append(f"sweep.params.{name}: value {value!r}: {_first_error(e, name)}")
                 break
     return problems
