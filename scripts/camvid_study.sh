@@ -37,6 +37,8 @@ row_flags() {
     pce2_mild)    echo "students.0.augment=$mild|method.w_ts=0|method.w_ss=0" ;;
     seminar_mild) echo "students.0.augment=$mild" ;;
     seminar_mild_pair) echo "students.0.augment=$mild|method.w_pair=1" ;;
+    pce2_noaug)   echo "students.0.augment=$none|students.1.augment=$none|method.w_ts=0|method.w_ss=0" ;;
+    seminar_noaug) echo "students.0.augment=$none|students.1.augment=$none" ;;
     pce_mild_pair) echo "$one_student|students.0.augment=$mild|method.w_ts=0|method.w_ss=0|method.w_pair=1" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac

@@ -8,6 +8,7 @@ check, naming the spec field each time:
   - local paths: the dataset root, SBD root, click files and pretrained weights exist;
   - classes: the dataset's classes fit (VOC has 21, CamVid 11; a click file's classes lie
     inside the dataset's; a folder dataset names at least two classes);
+  - the datasets build: every image and mask decodes, masks hold known classes;
   - the sweep: every swept field exists in the spec and every value it can take is valid.
 
 Remote paths (s3://) are left to the cluster, which reads them with its own credentials.
@@ -37,8 +38,12 @@ def load_checked_spec(path: str | os.PathLike | None, overrides: list[str] | Non
 
 def check_spec(cfg: TrainConfig, source: str = "spec") -> None:
     path_problems = check_paths(cfg)
-    # Classes are read from the click files: only once those are known to exist.
-    problems = check_models(cfg) + path_problems + ([] if path_problems else check_classes(cfg))
+    # Classes are read from the click files, the datasets from their files: only once
+    # those are known to exist.
+    problems = check_models(cfg) + path_problems
+    if not path_problems:
+        class_problems = check_classes(cfg)
+        problems += class_problems or check_datasets(cfg)
     if cfg.sweep is not None:
         problems += check_search_space(cfg)
     if problems:
@@ -124,6 +129,22 @@ def check_classes(cfg: TrainConfig) -> list[str]:
             validate_clicks(load_clicks(path), num_classes, path=path)
         except ClickFileError as e:
             problems.append(f"{field}: {e}")
+    return problems
+
+
+def check_datasets(cfg: TrainConfig) -> list[str]:
+    """The training and validation sets build: every image and mask decodes (see
+    `seminar.data.datasets`), the splits list images, the clicks fit them."""
+    if _is_remote(cfg.data.root or ""):
+        return []
+    from .data import ClickFileError, DatasetError, build_dataset
+
+    problems = []
+    for field, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+        try:
+            build_dataset(cfg.data, split)
+        except (DatasetError, ClickFileError) as e:
+            problems.append(f"{field} ({split}): {e}")
     return problems
 
 

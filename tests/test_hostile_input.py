@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -167,6 +168,36 @@ def test_broken_checkpoints_are_named_errors(tmp_path):
         out = result.output
         ok = (result.exit_code == 2 and out.lstrip().startswith("error:") and "Traceback" not in out
               and str(d) in out.replace("\n", "") and len(out) < 2000)
+        if not ok:
+            failures.append(f"{name}: exit {result.exit_code}: {out[:400]!r} {result.exception!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_broken_dataset_files_are_named_before_any_work(tmp_path):
+    """A truncated photo, a mask of random bytes, an empty split: named by file, exit 2,
+    before the first step (a truncated JPEG used to pass and crash training when sampled)."""
+    camvid = Path(__file__).parent / "data" / "camvid_tiny"
+    image = sorted((camvid / "train").iterdir())[0]
+    mask = sorted((camvid / "trainannot").iterdir())[0]
+    cases = {
+        "truncated_image": (lambda r: (r / "train" / image.name).write_bytes(image.read_bytes()[:3000]),
+                            [image.name, "does not decode"]),
+        "random_mask": (lambda r: (r / "trainannot" / mask.name).write_bytes(np.random.default_rng(1).bytes(999)),
+                        [mask.name, "not a readable mask"]),
+        "empty_split": (lambda r: (r / "train.txt").write_text("\n"), ["train.txt", "no images"]),
+        "split_not_utf8": (lambda r: (r / "val.txt").write_bytes(b"\xff\xfe"), ["val.txt", "not UTF-8"]),
+    }
+    failures = []
+    for name, (edit, words) in cases.items():
+        root = tmp_path / name
+        shutil.copytree(camvid, root)
+        edit(root)
+        runs = tmp_path / f"runs-{name}"
+        result = runner.invoke(app, ["train", "--in-process", "--set", "data.dataset=camvid",
+                                     "--set", f"data.root={root}", "--set", f"storage.path={runs}"])
+        out = result.output
+        ok = (result.exit_code == 2 and out.lstrip().startswith("error:") and "Traceback" not in out
+              and all(w in out.replace("\n", "") for w in words) and not runs.exists())
         if not ok:
             failures.append(f"{name}: exit {result.exit_code}: {out[:400]!r} {result.exception!r}")
     assert not failures, "\n".join(failures)

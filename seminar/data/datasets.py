@@ -2,14 +2,17 @@
 
 Each is a torch Dataset of `Sample`s (image, mask or None, clicks) with `.info` and
 `.image_ids`. Everything that can be checked before training is checked when the dataset
-is built: image files exist, click tables name known images and classes, masks hold only
-class ids or 255 (all masks for sets up to MASK_CHECK_LIMIT images; larger sets check
-each mask when it is read). Errors name the file and, for masks, the first bad pixel.
+is built: image files exist and decode (a truncated JPEG is found here, not when training
+samples it), click tables name known images and classes, masks hold only class ids or 255
+(every image and mask for sets up to CHECK_LIMIT images, once per process; larger sets
+check the headers now and each file when it is read). Errors name the file and, for masks,
+the first bad pixel.
 """
 
 from __future__ import annotations
 
 import colorsys
+import functools
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +36,7 @@ from seminar.data.clicks import (
     validate_clicks,
 )
 
-MASK_CHECK_LIMIT = 3000  # read every mask at construction up to this many images
+CHECK_LIMIT = 3000  # decode every image and mask at construction up to this many images
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -72,23 +75,56 @@ def voc_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
 # Reading and checking files.
 
 
+def _open(path: Path, what: str = "image") -> Image.Image:
+    try:
+        return Image.open(path)
+    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise DatasetError(f"{path}: not a readable {what} ({' '.join(str(e).split())[:160]})") from None
+
+
+def _decoded(im: Image.Image, path: Path, what: str) -> Image.Image:
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt
+        raise DatasetError(f"{path}: {what} does not decode ({' '.join(str(e).split())[:160]})") from None
+    return im
+
+
 def read_image(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    with _open(path) as im:
+        return np.asarray(_decoded(im, path, "image").convert("RGB"))
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
-    with Image.open(path) as im:
+    with _open(path) as im:
         return im.height, im.width
+
+
+@functools.lru_cache(maxsize=None)
+def _decodes(path: Path, stat: tuple[int, int]) -> tuple[int, int]:
+    with _open(path) as im:
+        return _decoded(im, path, "image").height, im.width
+
+
+def checked_image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image that decodes in full; once per file version and process."""
+    st = path.stat()
+    return _decodes(path, (st.st_mtime_ns, st.st_size))
 
 
 def read_index_png(path: Path) -> np.ndarray:
     """A mask PNG of class ids: palette (VOC) or greyscale (CamVid), never colour."""
-    with Image.open(path) as im:
+    with _open(path, "mask") as im:
         if im.mode not in ("P", "L"):
             raise DatasetError(f"{path}: mask is a {im.mode} image; expected class ids (palette or greyscale PNG)")
-        return np.array(im)
+        return np.array(_decoded(im, path, "mask"))
+
+
+def image_sizes(image_ids: list[str], paths: list[Path]) -> dict[str, tuple[int, int]]:
+    """Every image's (height, width): decoded in full for sets up to CHECK_LIMIT images."""
+    size = checked_image_size if len(paths) <= CHECK_LIMIT else image_size
+    return {i: size(p) for i, p in zip(image_ids, paths)}
 
 
 def read_sbd_mask(path: Path) -> np.ndarray:
@@ -118,8 +154,14 @@ def _first_missing(paths: list[Path], what: str) -> None:
 def _read_split(path: Path, limit: int | None) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{path}: split file not found")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return lines[:limit]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 (byte {e.start})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()][:limit]
+    if not lines:
+        raise DatasetError(f"{path}: the split lists no images")
+    return lines
 
 
 def _seed_of(image_id: str) -> int:
@@ -311,8 +353,8 @@ class VOCDataset(SegmentationDataset):
         self.mask_paths = [self._find_mask(root, cfg.sbd_root, i) for i in self.image_ids]
         self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
         self.num_classes = len(VOC_CLASSES)
-        sizes = {i: image_size(p) for i, p in zip(self.image_ids, self.image_paths)}
-        if len(self.image_ids) <= MASK_CHECK_LIMIT:
+        sizes = image_sizes(self.image_ids, self.image_paths)
+        if len(self.image_ids) <= CHECK_LIMIT:
             for image_id, path in zip(self.image_ids, self.mask_paths):
                 if path is not None:
                     self._read_mask(path, sizes[image_id])
@@ -406,9 +448,10 @@ class CamVidDataset(SegmentationDataset):
         self.click_fit = ClickFit()
         self.info = DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE, "simulated")
         self._clicks: dict[int, np.ndarray] = {}
-        if len(self.image_ids) <= MASK_CHECK_LIMIT:
-            for image_path, mask_path in zip(self.image_paths, self.mask_paths):
-                self._read_mask(mask_path, image_size(image_path))
+        sizes = image_sizes(self.image_ids, self.image_paths)
+        if len(self.image_ids) <= CHECK_LIMIT:
+            for image_id, mask_path in zip(self.image_ids, self.mask_paths):
+                self._read_mask(mask_path, sizes[image_id])
 
     def _read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
         mask = read_index_png(path)
@@ -456,6 +499,8 @@ class FolderDataset(SegmentationDataset):
                 by_id[path.stem] = path
         split_file = root / f"{split}.txt"
         self.image_ids = _read_split(split_file, limit) if split_file.is_file() else sorted(by_id)[:limit]
+        if not self.image_ids:
+            raise DatasetError(f"{images_dir}: no images (.jpg, .jpeg, .png)")
         unknown = [i for i in self.image_ids if i not in by_id]
         if unknown:
             raise DatasetError(f"{split_file}: image '{unknown[0]}' not found in {images_dir} ({len(unknown)} missing)")
@@ -464,8 +509,8 @@ class FolderDataset(SegmentationDataset):
         self.mask_paths = [p if p.is_file() else None for p in masks]
         self.num_classes = len(cfg.classes)
         self.load_scale = cfg.load_scale
-        sizes = {i: image_size(p) for i, p in zip(self.image_ids, self.image_paths)}
-        if len(self.image_ids) <= MASK_CHECK_LIMIT:
+        sizes = image_sizes(self.image_ids, self.image_paths)
+        if len(self.image_ids) <= CHECK_LIMIT:
             for image_id, path in zip(self.image_ids, self.mask_paths):
                 if path is not None:
                     self._read_mask(path, sizes[image_id])
