@@ -39,6 +39,7 @@ row_flags() {
     seminar_mild_pair) echo "students.0.augment=$mild|method.w_pair=1" ;;
     pce2_noaug)   echo "students.0.augment=$none|students.1.augment=$none|method.w_ts=0|method.w_ss=0" ;;
     seminar_noaug) echo "students.0.augment=$none|students.1.augment=$none" ;;
+    seminar_noaug_ssic) echo "students.0.augment=$none|students.1.augment=$none|method.ss_norm=image_class" ;;
     pce_mild_pair) echo "$one_student|students.0.augment=$mild|method.w_ts=0|method.w_ss=0|method.w_pair=1" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac

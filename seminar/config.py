@@ -146,6 +146,9 @@ class MethodConfig(Strict):
                           "loss (0 = off)")
     pair_color_tol: float = Field(0.05, gt=0, le=2, description="RGB distance (in [0, 1] units) below which "
                                   "neighbouring pixels should share a class")
+    ss_norm: Literal["pixel", "image_class"] = Field(
+        "pixel", description="loss_ss: each pseudo-labelled pixel weighs the same, or each (image, class) "
+        "does (as loss_sup's image_class), scaled by the coverage")
     ss_start: int = Field(50, ge=0, description="step at which loss_ss starts ramping up")
     rampup_steps: int = Field(100, ge=0, description="length L of the sigmoid ramp-up")
     pseudo_from: Literal["teacher", "student"] = Field(

@@ -145,10 +145,18 @@ def consistency_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, 
     return per_pixel[pixels].mean()
 
 
-def pseudo_label_loss(logits: torch.Tensor, pseudo_label: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+def pseudo_label_loss(logits: torch.Tensor, pseudo_label: torch.Tensor, region: torch.Tensor,
+                      per_image_class: bool = False) -> torch.Tensor:
     """Cross-entropy against the pseudo-label, summed over its pixels and divided by all the
     unclicked valid pixels (`region`): a pseudo-label covering 2% of them gives ~2% of the loss
-    a full one would, instead of the weight of a dense label."""
+    a full one would, instead of the weight of a dense label.
+
+    `per_image_class`: the mean over (image, class) groups, as `loss_sup` weighs clicks, times
+    the coverage: confident pixels are mostly sky and road, and per pixel they would outvote
+    the small classes that the clicks' normalisation protects."""
+    if per_image_class:
+        coverage = (pseudo_label != IGNORE_INDEX).sum() / region.sum().clamp(min=1)
+        return partial_cross_entropy(logits, pseudo_label, per_image_class=True) * coverage
     per_pixel = F.cross_entropy(logits, pseudo_label, ignore_index=IGNORE_INDEX, reduction="none")
     return per_pixel.sum() / region.sum().clamp(min=1)
 
@@ -197,7 +205,7 @@ def student_losses(cfg: MethodConfig, step: int, logits: torch.Tensor, batch: di
 
     loss_ss = zero
     if cfg.w_ss > 0 and pseudo_label is not None:
-        loss_ss = pseudo_label_loss(logits, pseudo_label, unclicked)
+        loss_ss = pseudo_label_loss(logits, pseudo_label, unclicked, per_image_class=cfg.ss_norm == "image_class")
 
     loss_pair = zero
     if cfg.w_pair > 0:

@@ -155,6 +155,18 @@ def test_loss_ss_ignores_clicks_and_is_small_when_coverage_is_small():
     assert touched.sum() == 39 and not touched[1, 1] and not touched[4, 3]  # clicks: loss_sup only
 
 
+def test_loss_ss_per_image_class_weighs_small_classes_like_big_ones_times_coverage():
+    batch = {"click_map": torch.full((1, 10, 10), 255), "valid": torch.ones(1, 10, 10, dtype=torch.bool)}
+    logits = torch.randn(1, 3, 10, 10)
+    pseudo = torch.full((1, 10, 10), 255)
+    pseudo[0, :5] = 0  # a big confident region (50 px)...
+    pseudo[0, 9, 9] = 2  # ...and one pixel of a small class: 51% coverage
+    ce = torch.nn.functional.cross_entropy(logits, pseudo, ignore_index=255, reduction="none")[0]
+    cfg = MethodConfig(w_ts=0, w_ss=1, ss_start=0, rampup_steps=0, ss_norm="image_class")
+    loss = student_losses(cfg, 10, logits, batch, None, pseudo)["loss_ss"]
+    assert loss.item() == pytest.approx(((ce[:5].mean() + ce[9, 9]) / 2 * 0.51).item(), rel=1e-5)
+
+
 def test_loss_sup_weighs_each_image_class_the_same():
     # class 1: one clicked pixel; class 2: 9 pixels (a broken-up object's many disks)
     click_map = torch.full((1, 8, 8), 255)
