@@ -46,7 +46,7 @@ from seminar.runs import new_run_name
 
 from .exchange import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
 from .metrics import TrainMetrics
-from .preflight import check_address, check_resources, check_storage, worker_resources
+from .preflight import ClusterUnreachable, check_address, check_resources, check_storage, worker_resources
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +313,15 @@ def connect(address: str | None, cfg: TrainConfig) -> bool:
         return False
     if address:
         check_address(address)
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            token = "set" if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") else "not set"
+            raise ClusterUnreachable(
+                f"could not join the Ray cluster at {address!r} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                f"a cluster with token authentication needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN "
+                f"or ~/.ray/auth_token here (RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'not set')}, "
+                f"RAY_AUTH_TOKEN {token}; see docs/cluster.md)") from None
         return False
     needed = cfg.num_workers * cfg.resources.cpus_per_worker
     cores = os.cpu_count() or 1

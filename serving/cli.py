@@ -57,6 +57,7 @@ def serve_command(
     from pydantic import ValidationError
 
     from seminar.config import SpecError
+    from seminar.predict import Segmenter
     from serving.model_uri import resolve_model_uri
 
     try:
@@ -68,8 +69,9 @@ def serve_command(
         fail("--detach needs --address (a local Ray ends with this command)")
     try:  # fail here, with the user's words, rather than in a replica's log
         resolved = resolve_model_uri(model, registry)
+        Segmenter.load(resolved.checkpoint, which=which)  # the weights too: a refused file is named now
     except Exception as e:  # noqa: BLE001 - registry, storage and file errors alike
-        fail(f"cannot load model {model!r}: {e}")
+        fail(f"cannot load model {model!r}: {' '.join(str(e).split())}")
 
     import ray
     from ray import serve

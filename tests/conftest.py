@@ -109,22 +109,35 @@ def ray_cluster(s3_server):
     token = RAY_TOKEN
     gcs_port, dash_port, metrics_port = free_port(), free_port(), free_port()
     # 8 logical CPUs on 2 cores: the test jobs are tiny, and trials/workers must fit at once.
-    subprocess.run(
+    # `--block` keeps `ray start` in the foreground, in its own process group with every Ray
+    # process it starts: the cluster is stopped through the pid we started, never by name
+    # (`ray stop` would take any other Ray on the machine with it).
+    head = subprocess.Popen(
         [PYTHON, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs_port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
          "--include-dashboard=true", f"--metrics-export-port={metrics_port}",
-         "--num-cpus=8", "--disable-usage-stats"],
-        check=True, capture_output=True, timeout=180,
+         "--num-cpus=8", "--disable-usage-stats", "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    cluster = RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, gcs_port,
-                         f"http://127.0.0.1:{metrics_port}/metrics")
     try:
+        for port in (gcs_port, dash_port, metrics_port):
+            wait_for_port(port, timeout=180)
+        cluster = RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, gcs_port,
+                             f"http://127.0.0.1:{metrics_port}/metrics")
         yield cluster
     finally:
         import ray
 
         ray.shutdown()
-        subprocess.run([PYTHON, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
+        head.terminate()  # `ray start --block` stops its processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, 9)  # whatever did not stop, in the group we started
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from jobs.main import app
@@ -142,7 +143,7 @@ def test_hostile_click_files_are_named_errors(tmp_path):
     assert not failures, "\n".join(failures)
 
 
-def test_broken_checkpoints_are_named_errors(tmp_path):
+def test_broken_checkpoints_are_named_errors(tmp_path, monkeypatch):
     from seminar.config import load_spec
     from seminar.engine import write_initial_checkpoint
 
@@ -157,19 +158,28 @@ def test_broken_checkpoints_are_named_errors(tmp_path):
             (d / "student_0" / "teacher.pt").read_bytes()[:1000]),
         "teacher_random": lambda d: (d / "student_0" / "teacher.pt").write_bytes(np.random.default_rng(0).bytes(4096)),
         "teacher_missing": lambda d: (d / "student_0" / "teacher.pt").unlink(),
+        # weights that need arbitrary unpickling: refused (weights_only), never executed
+        "teacher_pickle": lambda d: torch.save({"w": torch.zeros(1), "payload": Path("x")},
+                                               d / "student_0" / "teacher.pt"),
     }.items():
         d = tmp_path / name
         shutil.copytree(good, d)
         edit(d)
         cases[name] = d
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a checkpoint that cannot load")
+
+    monkeypatch.setattr(ray, "init", no_ray)
     failures = []
-    for name, d in cases.items():
-        result = runner.invoke(app, ["evaluate", str(d), "--which", "primary_teacher"])
+    for (name, d), command in [(case, c) for case in cases.items() for c in ("evaluate", "serve")]:
+        result = runner.invoke(app, [command, str(d), "--which", "primary_teacher"])
         out = result.output
         ok = (result.exit_code == 2 and out.lstrip().startswith("error:") and "Traceback" not in out
               and str(d) in out.replace("\n", "") and len(out) < 2000)
         if not ok:
-            failures.append(f"{name}: exit {result.exit_code}: {out[:400]!r} {result.exception!r}")
+            failures.append(f"{command} {name}: exit {result.exit_code}: {out[:400]!r} {result.exception!r}")
     assert not failures, "\n".join(failures)
 
 
@@ -201,3 +211,23 @@ def test_broken_dataset_files_are_named_before_any_work(tmp_path):
         if not ok:
             failures.append(f"{name}: exit {result.exit_code}: {out[:400]!r} {result.exception!r}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_cluster_that_refuses_the_driver_is_one_line_naming_the_token(tmp_path, monkeypatch):
+    """`seminar train --address` to a token cluster without the local auth settings was a
+    ConnectionError traceback; now one line that says what to set."""
+    import ray
+
+    import cluster.trainer
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("Failed to connect to GCS at 10.0.0.5:6379: Unauthenticated")
+
+    monkeypatch.setattr(cluster.trainer, "check_address", lambda address: None)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh driver process would be
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    result = runner.invoke(app, ["train", "--address", "10.0.0.5:6379", "--set", f"storage.path={tmp_path}/runs"])
+    out = result.output
+    assert result.exit_code == 2 and out.startswith("error:") and "Traceback" not in out, out
+    assert "10.0.0.5:6379" in out and "RAY_AUTH_MODE=token" in out and "Unauthenticated" in out
