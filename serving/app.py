@@ -108,6 +108,7 @@ class SegmentationService:
         self.budget = PixelBudget(cfg.max_batch_size, cfg.batch_pixel_budget)
         self.infer.set_max_batch_size(cfg.max_batch_size)
         self.in_flight = 0  # segment requests in this replica, from body read to answer
+        self.uploads = 0  # request bodies being received
         self.forward_idle = asyncio.Event()  # set while no batched forward runs
         self.forward_idle.set()
         self.metrics = ServingMetrics(self.version, self.segmenter.which)
@@ -235,8 +236,16 @@ def _finite(metrics: dict) -> dict:
 # ---- HTTP ----------------------------------------------------------------------------
 
 
-async def read_upload(request: Request, max_bytes: int) -> bytes:
-    """The image bytes of a raw or multipart body, refusing oversize bodies early."""
+async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The image bytes of a raw or multipart body, refusing oversize bodies early and bodies
+    that have not arrived within `timeout_s` (408)."""
+    try:
+        return await asyncio.wait_for(_read_body(request, max_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise InputError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
     content_type = mime_type(request.headers.get("content-type"))
     multipart = content_type == "multipart/form-data"
     if not multipart:
@@ -348,7 +357,17 @@ def build_http_app(service: SegmentationService) -> FastAPI:
     @app.post("/v1/segment", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def segment(request: Request, format: OutputFormat = "png",
                       alpha: float | None = Query(None, ge=0, le=1, description="overlay opacity")) -> Response:
-        data = await read_upload(request, service.cfg.max_bytes)
+        cfg = service.cfg
+        # Bodies still arriving hold a replica slot each: past max_uploads, a new request is
+        # told to come back rather than queued behind senders that may never finish.
+        if service.uploads >= cfg.max_uploads:
+            return JSONResponse({"error": "busy", "detail": f"{service.uploads} uploads in progress; retry"},
+                                status_code=503, headers={"Retry-After": f"{cfg.retry_after_s:g}"})
+        service.uploads += 1
+        try:
+            data = await read_upload(request, cfg.max_bytes, cfg.body_timeout_s)
+        finally:
+            service.uploads -= 1
         return await service.segment(data, format, alpha)
 
     return app

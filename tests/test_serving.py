@@ -32,6 +32,7 @@ from test_serving_units import encode, make_checkpoint
 INFER_SIZE = 64
 MAX_BYTES = 100_000
 MAX_PIXELS = 400_000
+BODY_TIMEOUT_S = 3.0
 
 
 def synthetic_image(index: int, height: int = 64, width: int = 64) -> np.ndarray:
@@ -76,7 +77,8 @@ def server(ray_session, registry_model):
     try:
         serving = ServingConfig(infer_size=INFER_SIZE, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS,
                                 num_replicas=1, max_batch_size=8, batch_pixel_budget=8 * 64 * 64,
-                                max_ongoing_requests=16, max_queued_requests=32, torch_threads=1)
+                                max_ongoing_requests=16, max_queued_requests=32, torch_threads=1,
+                                body_timeout_s=BODY_TIMEOUT_S, max_uploads=8)
         serve.run(build_app(ServeArgs(model=registry_model[0], serving=serving)), name="seminar-test",
                   route_prefix="/")
         yield f"http://127.0.0.1:{port}"
@@ -256,6 +258,51 @@ def test_burst_with_malformed_requests_gets_no_5xx(server):
     assert all(status == 400 for malformed, status in results if malformed)
     assert all(status == 200 for malformed, status in results if not malformed)
     print(f"burst: 300 requests in {elapsed:.1f} s ({300 / elapsed:.0f}/s)")
+
+
+def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
+    """40 clients announce 100 kB and send 10 bytes; meanwhile normal requests (retrying
+    after a 503 as told) are answered within BODY_TIMEOUT_S + 10 s, and every slow client
+    gets 408 (its body did not arrive in time) or 503 (too many uploads at once)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host, port = urlparse(server).hostname, urlparse(server).port
+    head = (f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+            "Content-Length: 100000\r\n\r\n").encode()
+    slow = []
+    for _ in range(40):
+        conn = socket.create_connection((host, port), timeout=60)
+        conn.sendall(head + b"\x89PNG\r\n\x1a\n\x00\x00")
+        slow.append(conn)
+    body = encode(synthetic_image(3))
+    waits = []
+    try:
+        for _ in range(10):
+            start = time.perf_counter()
+            while True:
+                answer = post_image(server, body)
+                if answer.status_code != 503:
+                    break
+                time.sleep(float(answer.headers["retry-after"]))
+            waits.append(time.perf_counter() - start)
+            assert answer.status_code == 200, answer.text
+        statuses = []
+        for conn in slow:
+            reply = b""
+            while b"\r\n" not in reply:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            statuses.append(int(reply.split()[1]) if reply.startswith(b"HTTP/1.1") else None)
+    finally:
+        for conn in slow:
+            conn.close()
+    print(f"normal requests beside 40 slow bodies: max {max(waits):.1f} s, median {sorted(waits)[5]:.1f} s; "
+          f"slow clients: {collections.Counter(statuses)}")
+    assert max(waits) < BODY_TIMEOUT_S + 10, waits
+    assert set(statuses) <= {408, 503} and 408 in statuses, statuses
 
 
 def test_overload_answers_503_with_retry_after(ray_session, server, registry_model):
