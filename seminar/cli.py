@@ -72,8 +72,8 @@ def evaluate(
 
     try:
         segmenter = Segmenter.load(checkpoint, which=which)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except (OSError, ValueError) as e:  # missing or broken files; storage that does not answer
+        fail(f"cannot load {checkpoint}: {' '.join(str(e).split())}")
     if data is not None:
         cfg = spec_from_options(data, overrides)
     else:

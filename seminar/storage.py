@@ -19,9 +19,16 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+# An S3 server that stops answering must become an error, not a hang: each request (of
+# pyarrow's 3 attempts) gives up after this many seconds.
+S3_TIMEOUT_ENV = "SEMINAR_S3_TIMEOUT_S"
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    timeout = float(os.environ.get(S3_TIMEOUT_ENV) or 30)
+    kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+              "connect_timeout": min(timeout, 10), "request_timeout": timeout}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or endpoint, scheme=parsed.scheme or "https")

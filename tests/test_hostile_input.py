@@ -7,6 +7,7 @@ click, exit 2, before any work (no run directory), and never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -231,3 +232,30 @@ def test_a_cluster_that_refuses_the_driver_is_one_line_naming_the_token(tmp_path
     out = result.output
     assert result.exit_code == 2 and out.startswith("error:") and "Traceback" not in out, out
     assert "10.0.0.5:6379" in out and "RAY_AUTH_MODE=token" in out and "Unauthenticated" in out
+
+
+def test_evaluate_from_s3_that_stopped_answering_is_one_line(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """moto under SIGSTOP: the S3 requests time out and `seminar evaluate` says so, exit 2."""
+    import signal
+    import time
+
+    from seminar import storage
+    from seminar.config import load_spec
+    from seminar.engine import write_initial_checkpoint
+
+    local = tmp_path / "ckpt"
+    write_initial_checkpoint(str(local), load_spec(None, ["data.synthetic.num_train=8", "data.synthetic.num_val=4"]))
+    uri = f"s3://{s3_bucket}/ckpt"
+    storage.upload_dir(local, uri)
+    monkeypatch.setenv(storage.S3_TIMEOUT_ENV, "1")
+    server = s3_server.process
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        start = time.perf_counter()
+        result = runner.invoke(app, ["evaluate", uri])
+        elapsed = time.perf_counter() - start
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    out = result.output
+    assert result.exit_code == 2 and out.startswith("error:") and "Traceback" not in out, out
+    assert uri in out and elapsed < 60, (elapsed, out)
