@@ -443,18 +443,20 @@ def test_inspect_counts_classes_empty_lists_and_clicks_off_the_image(tmp_path):
     clicks["2007_000032"].append({"x": -0.5, "y": 10.0, "cls": 1, "rank": 3})
     clicks["2007_000033"].append({"x": 520.0, "y": 10.0, "cls": 1, "rank": 4})
     clicks["2008_000001"] = []
+    clicks["2007_000032"].append(dict(clicks["2007_000032"][0]))  # the same click twice
     path = write_json(tmp_path / "points.json", clicks)
     report = inspect_clicks(path, masks_dir=str(VOC / "SegmentationClass"))
     assert report.num_images == 8 and report.empty_images == ["2008_000001"]
     assert report.num_clicks == sum(len(v) for v in clicks.values())
-    assert report.class_names[15] == "person" and report.clicks_per_class[1] == 7
+    assert report.class_names[15] == "person" and report.clicks_per_class[1] == 8  # 7 + the duplicate
     assert (report.negative_clicks, report.beyond_image_clicks, report.size_checked_images) == (1, 1, 7)
     assert (report.clipped_on_load, report.dropped_on_load) == (1, 1)
+    assert report.duplicate_clicks == 1
     assert report.sources == ["wtp_main"]
 
     result = CliRunner().invoke(data_app, ["inspect", path, "--masks", str(VOC / "SegmentationClass")])
     assert result.exit_code == 0, result.output
-    assert "person" in result.output and "size-checked" in result.output
+    assert "person" in result.output and "size-checked" in result.output and "duplicate clicks" in result.output
     result = CliRunner().invoke(data_app, ["inspect", str(tmp_path / "nothing.json")])
     assert result.exit_code == 2 and "not found" in result.output
 

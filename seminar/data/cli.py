@@ -26,6 +26,7 @@ def print_report(report: ClickReport, console: Console) -> None:
     summary.add_row("clicks", f"{report.num_clicks:,}  ({report.rank1_clicks:,} rank 1)")
     summary.add_row("images with an empty click list", f"{len(report.empty_images):,}")
     summary.add_row("clicks with a negative coordinate", f"{report.negative_clicks:,}")
+    summary.add_row("duplicate clicks (same image, class, x, y)", f"{report.duplicate_clicks:,}")
     if report.size_checked_images:
         beyond = f"{report.beyond_image_clicks:,}  (in {report.size_checked_images:,} size-checked images)"
     else:

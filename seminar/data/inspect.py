@@ -65,6 +65,7 @@ class ClickReport:
     negative_clicks: int  # x < 0 or y < 0
     beyond_image_clicks: int  # x > W-1 or y > H-1, among size-checked images
     size_checked_images: int
+    duplicate_clicks: int  # same image, class and position as an earlier click (each counted once more)
     clipped_on_load: int  # out by at most 1 px: datasets clip these onto the image
     dropped_on_load: int  # further out: datasets drop these
     out_of_image_examples: list[tuple[str, float, float]] = field(default_factory=list)
@@ -128,6 +129,7 @@ def inspect_clicks(path: str, masks_dir: str | None = None, images_dir: str | No
         negative_clicks=int(negative.sum()),
         beyond_image_clicks=int(beyond.sum()),
         size_checked_images=checked,
+        duplicate_clicks=table.num_rows - len(set(zip(ids.tolist(), x.tolist(), y.tolist(), classes.tolist()))),
         clipped_on_load=int(np.sum(outside & near)),
         dropped_on_load=int(np.sum(outside & ~near)),
         out_of_image_examples=[(str(ids[r]), float(x[r]), float(y[r])) for r in np.flatnonzero(outside)[:5]],
