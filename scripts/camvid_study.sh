@@ -16,6 +16,7 @@ one_student='students=[{model: deeplabv3plus_efficientnet_lite0, pretrained: ima
 # photometric augmentation of the strong views: the ancillary student's (milder) and none
 mild='{color_jitter: 0.3, hue: 0.05, blur_prob: 0.3, grayscale_prob: 0.1}'
 none='{color_jitter: 0, hue: 0, blur_prob: 0, grayscale_prob: 0}'
+long='optim.steps=1000|schedule.eval_every=250|schedule.checkpoint_every=250'
 row_flags() {
   case $1 in
     full)    echo "$one_student|method.supervision=dense|method.w_ts=0|method.w_ss=0" ;;
@@ -40,6 +41,9 @@ row_flags() {
     pce2_noaug)   echo "students.0.augment=$none|students.1.augment=$none|method.w_ts=0|method.w_ss=0" ;;
     seminar_noaug) echo "students.0.augment=$none|students.1.augment=$none" ;;
     seminar_noaug_ssic) echo "students.0.augment=$none|students.1.augment=$none|method.ss_norm=image_class" ;;
+    # the longer schedule (1000 steps, ~22 epochs): where pseudo-labels have time to pay off
+    pce2_long)    echo "method.w_ts=0|method.w_ss=0|$long" ;;
+    seminar_long) echo "$long" ;;
     pce_mild_pair) echo "$one_student|students.0.augment=$mild|method.w_ts=0|method.w_ss=0|method.w_pair=1" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
