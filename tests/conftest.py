@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,11 @@ def ray_cluster(s3_server):
             os.killpg(head.pid, 9)  # whatever did not stop, in the group we started
         except ProcessLookupError:
             pass
+        # `ray stop` would also forget the cluster; without this, the next `ray.init()` on the
+        # machine would try to join the dead one.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()
 
 
 @pytest.fixture(scope="session")
