@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -60,17 +61,14 @@ def submit(
     python: str = typer.Option("python", "--python", help=PYTHON_HELP),
 ) -> None:
     """Submit a training job to a Ray cluster (Ray Jobs API); prints the job id."""
-    from jobs.submit import ClusterError, connect, follow_logs, submit_spec
+    from jobs.submit import submit_spec
 
     cfg = spec_from_options(spec, overrides)
-    try:
-        client = connect(address)
+    with jobs_api(address) as client:
         job = submit_spec(cfg, address, kind="train", client=client, python=python)
-        _print_submitted(job)
-        if follow:
-            _follow(client, job.job_id)
-    except ClusterError as e:
-        fail(str(e), code=1)
+    _print_submitted(job)
+    if follow:
+        _follow(client, job.job_id)
 
 
 def tune(
@@ -96,16 +94,13 @@ def tune(
 
     remote = _remote_address(address)
     if remote:
-        from jobs.submit import ClusterError, connect, submit_spec
+        from jobs.submit import submit_spec
 
-        try:
-            client = connect(remote)
+        with jobs_api(remote) as client:
             job = submit_spec(cfg, remote, kind="tune", client=client, python=python)
-            _print_submitted(job)
-            if follow:
-                _follow(client, job.job_id)
-        except ClusterError as e:
-            fail(str(e), code=1)
+        _print_submitted(job)
+        if follow:
+            _follow(client, job.job_id)
         return
 
     from cluster.preflight import PreflightError
@@ -131,11 +126,14 @@ def _print_submitted(job) -> None:
 
 
 def _follow(client, job_id: str) -> None:
-    from jobs.submit import follow_logs
+    """Stream a job's logs until it ends; exit 1 unless it succeeded."""
+    from jobs.submit import ClusterError, follow_logs
 
     t0 = time.perf_counter()
     try:
         status = follow_logs(client, job_id)
+    except ClusterError as e:
+        fail(str(e), code=1)
     except KeyboardInterrupt:
         errors.print(f"stopped following; the job keeps running (seminar jobs stop {job_id} ends it)")
         raise typer.Exit(130)
@@ -150,11 +148,16 @@ def _follow(client, job_id: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _client(address: Optional[str]):
-    from jobs.submit import ClusterError, connect
+@contextmanager
+def jobs_api(address: Optional[str], job_id: Optional[str] = None):
+    """A Jobs API client for the cluster at `address`; what goes wrong there (unreachable,
+    refused token, unknown job) ends the command with one `error:` line."""
+    from jobs.submit import ClusterError, cluster_errors, connect
 
     try:
-        return connect(address)
+        client = connect(address)
+        with cluster_errors(client.get_address(), job_id):
+            yield client
     except ClusterError as e:
         fail(str(e), code=1)
 
@@ -166,15 +169,9 @@ def _when(ms: Optional[int]) -> str:
 @jobs_app.command("list")
 def jobs_list(address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP)) -> None:
     """Jobs on the cluster, newest first."""
-    from jobs.submit import ClusterError, cluster_errors
-
-    client = _client(address)
-    try:
-        with cluster_errors(client._address):
-            jobs = client.list_jobs()
-    except ClusterError as e:
-        fail(str(e), code=1)
-    table = Table(title=f"jobs on {client._address}")
+    with jobs_api(address) as client:
+        jobs = client.list_jobs()
+    table = Table(title=f"jobs on {client.get_address()}")
     table.add_column("job id", no_wrap=True)
     for col in ("status", "kind", "started"):
         table.add_column(col, no_wrap=True)
@@ -188,14 +185,8 @@ def jobs_list(address: Optional[str] = typer.Option(None, "--address", "-a", hel
 def jobs_status(job_id: str = typer.Argument(...),
                 address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP)) -> None:
     """A job's status, message, and where its results go."""
-    from jobs.submit import ClusterError, cluster_errors
-
-    client = _client(address)
-    try:
-        with cluster_errors(client._address, job_id):
-            info = client.get_job_info(job_id)
-    except ClusterError as e:
-        fail(str(e), code=1)
+    with jobs_api(address, job_id) as client:
+        info = client.get_job_info(job_id)
     meta = info.metadata or {}
     console.print(f"job [bold]{job_id}[/]: {info.status.value}")
     if info.message:
@@ -211,31 +202,19 @@ def jobs_logs(job_id: str = typer.Argument(...),
               follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends"),
               address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP)) -> None:
     """A job's logs (driver output)."""
-    from jobs.submit import ClusterError, cluster_errors
-
-    client = _client(address)
-    try:
-        if follow:
-            _follow(client, job_id)
-            return
-        with cluster_errors(client._address, job_id):
+    with jobs_api(address, job_id) as client:
+        if not follow:
             sys.stdout.write(client.get_job_logs(job_id))
-    except ClusterError as e:
-        fail(str(e), code=1)
+            return
+    _follow(client, job_id)  # outside jobs_api: its exit code is the job's
 
 
 @jobs_app.command("stop")
 def jobs_stop(job_id: str = typer.Argument(...),
               address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP)) -> None:
     """Stop a running job."""
-    from jobs.submit import ClusterError, cluster_errors
-
-    client = _client(address)
-    try:
-        with cluster_errors(client._address, job_id):
-            stopped = client.stop_job(job_id)
-    except ClusterError as e:
-        fail(str(e), code=1)
+    with jobs_api(address, job_id) as client:
+        stopped = client.stop_job(job_id)
     console.print(f"job {job_id}: " + ("stop requested" if stopped else "already finished"))
 
 

@@ -284,14 +284,14 @@ def follow_logs(client: JobSubmissionClient, job_id: str, out: TextIO | None = N
             out.write(chunk)
             out.flush()
 
-    with cluster_errors(client._address, job_id):
+    with cluster_errors(client.get_address(), job_id):
         asyncio.run(tail())
         return wait_for_job(client, job_id, timeout_s=60)
 
 
 def wait_for_job(client: JobSubmissionClient, job_id: str, timeout_s: float = 600, poll_s: float = 1.0) -> str:
     deadline = time.monotonic() + timeout_s
-    with cluster_errors(client._address, job_id):
+    with cluster_errors(client.get_address(), job_id):
         while True:
             status = str(client.get_job_status(job_id).value)
             if status in TERMINAL or time.monotonic() > deadline:
