@@ -154,5 +154,35 @@ def local_copy(uri: str, files: list[str] | None = None) -> Path:
     return cache
 
 
+def latest_in_run(run: str) -> str | None:
+    """The newest complete checkpoint (one with meta.json) of a run directory, local or
+    s3://, in either layout: `checkpoints/step_NNNNNNN` (in-process) or `checkpoint_<time>`
+    (Ray Train); None when the run has none yet."""
+    import pyarrow.fs as pafs
+
+    run = run.rstrip("/")
+    candidates = []
+    for parent, prefix in ((f"{run}/checkpoints", "step_"), (run, "checkpoint_")):
+        fs, path = storage.filesystem(parent)
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            if info.type == pafs.FileType.Directory and info.base_name.startswith(prefix):
+                candidates.append(f"{parent}/{info.base_name}")
+    # Names sort by step (zero-padded) or by time; a half-written one has no meta.json yet.
+    for uri in sorted(candidates, key=lambda u: u.rsplit("/", 1)[1], reverse=True):
+        if storage.exists(f"{uri}/{META}"):
+            return uri
+    return None
+
+
+def resolve(uri: str) -> str:
+    """A checkpoint directory for a checkpoint or a run directory (its latest checkpoint)."""
+    if storage.exists(f"{uri.rstrip('/')}/{META}"):
+        return uri
+    latest = latest_in_run(uri)
+    if latest is None:
+        raise FileNotFoundError(f"{uri} is not a checkpoint (no {META}) nor a run with a complete checkpoint")
+    return latest
+
+
 def read_meta(uri: str) -> dict:
     return _load_json(local_copy(uri, []) / META)

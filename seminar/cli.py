@@ -56,7 +56,7 @@ def print_training_summary(cfg: TrainConfig, result) -> None:
 
 
 def evaluate(
-    checkpoint: str = typer.Argument(..., help="checkpoint directory or s3:// URI"),
+    checkpoint: str = typer.Argument(..., help="checkpoint or run directory (its latest checkpoint), local or s3://"),
     data: Optional[Path] = typer.Option(None, "--data", help="a spec whose data section to evaluate on; default: the checkpoint's"),
     overrides: list[str] = typer.Option([], "--set", "-s", help="override a data field: data.key=value"),
     split: Optional[str] = typer.Option(None, "--split", help="default: the spec's val split"),
@@ -65,7 +65,6 @@ def evaluate(
     samples: int = typer.Option(4, "--samples", help="rows in the grid"),
 ) -> None:
     """Per-class IoU and mIoU of a checkpoint on a dataset."""
-    from .checkpoint import read_meta
     from .data import ClickFileError, DatasetError
     from .evaluate import evaluate_checkpoint, save_grid
     from .predict import Segmenter
@@ -77,7 +76,7 @@ def evaluate(
     if data is not None:
         cfg = spec_from_options(data, overrides)
     else:
-        base = TrainConfig.model_validate(read_meta(checkpoint)["spec"]).model_dump(mode="json")
+        base = TrainConfig.model_validate(segmenter.meta["spec"]).model_dump(mode="json")
         from .config import apply_overrides
 
         try:

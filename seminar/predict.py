@@ -59,6 +59,8 @@ class Segmenter:
 
     @classmethod
     def load(cls, uri: str, which: str | None = None, device: str | torch.device = "cpu") -> "Segmenter":
+        """A checkpoint directory, or a run directory (its latest checkpoint); local or s3://."""
+        uri = checkpoint.resolve(uri)
         meta = checkpoint.read_meta(uri)
         missing = [key for key in ("spec", "classes", "palette", "version") if key not in meta]
         if missing:

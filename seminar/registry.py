@@ -458,7 +458,8 @@ def resolve_model(uri_or_name: str, registry: str | None = None, cache_dir: str 
     from botocore.exceptions import BotoCoreError, ClientError
 
     ref = uri_or_name.rstrip("/")
-    explicit_path = ref.startswith(("s3://", ".", "/", "~"))
+    # a path (also `runs/registry/seminar`, a registry's model named by its directory)
+    explicit_path = ref.startswith(("s3://", ".", "/", "~")) or ("/" in ref and Path(ref).expanduser().is_dir())
     is_local_dir = not ref.startswith("s3://") and (
         (Path(ref).expanduser() / METADATA_FILE).is_file() or (Path(ref).expanduser() / CHECKPOINT_META).is_file())
     try:

@@ -42,30 +42,15 @@ class RunResult:
     metrics: dict[str, float]
 
 
-def _checkpoint_root(cfg: TrainConfig) -> str:
-    return f"{cfg.storage.path.rstrip('/')}/{cfg.storage.run_name}/checkpoints"
-
-
-def latest_checkpoint(cfg: TrainConfig) -> str | None:
-    """The newest complete checkpoint of this run, if it ran before (in-process layout)."""
-    root = _checkpoint_root(cfg)
-    fs, path = storage.filesystem(root)
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    steps = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step_"))
-    for name in reversed(steps):
-        uri = f"{root}/{name}"
-        if storage.exists(f"{uri}/{checkpoint.META}"):
-            return uri
-    return None
+def _run_dir(cfg: TrainConfig) -> str:
+    return f"{cfg.storage.path.rstrip('/')}/{cfg.storage.run_name}"
 
 
 def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResult:
     console = console or Console()
     cfg = with_run_name(cfg)
     storage.check_writable(cfg.storage.path, cfg.storage.run_name)
-    resume = latest_checkpoint(cfg)
+    resume = checkpoint.latest_in_run(_run_dir(cfg))
     resume_local = str(checkpoint.local_copy(resume)) if resume else None
     if resume:
         console.print(f"resuming run [bold]{cfg.storage.run_name}[/] from {resume}")
@@ -87,7 +72,7 @@ def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResul
         bar.update(int(metrics["step"]) - bar.n)
         bar.set_postfix({f"s{k}": f"{metrics.get(f's{k}/loss', float('nan')):.3f}" for k in range(cfg.num_students)})
         if directory:
-            uri = f"{_checkpoint_root(cfg)}/step_{int(metrics['step']):07d}"
+            uri = f"{_run_dir(cfg)}/checkpoints/step_{int(metrics['step']):07d}"
             if storage.is_s3(uri):
                 storage.upload_dir(directory, uri)
             else:

@@ -3,6 +3,7 @@
 MODEL is any of
   - a checkpoint directory, local or `s3://` (one holding meta.json, as training wrote it):
     `Segmenter.load` reads it where it is (from S3 only the weights that answer);
+  - a run directory (its latest complete checkpoint, in-process or Ray layout);
   - a registry version `<registry-prefix>/<model>/<version>`, or `<registry-prefix>/<model>`
     for its latest version (local or `s3://`);
   - `<model>` or `<model>/<version>` in the default registry ($SEMINAR_REGISTRY).
@@ -35,6 +36,9 @@ def resolve_model_uri(uri: str, registry: str | None = None) -> ResolvedModel:
     root = uri.rstrip("/")
     if storage.exists(f"{root}/{checkpoint.META}") and not storage.exists(f"{root}/{REGISTRY_METADATA}"):
         return ResolvedModel(uri, uri, str(checkpoint.read_meta(uri)["version"]))
+    latest = None if storage.exists(f"{root}/{REGISTRY_METADATA}") else checkpoint.latest_in_run(root)
+    if latest is not None:  # a run directory: its latest checkpoint
+        return ResolvedModel(uri, latest, str(checkpoint.read_meta(latest)["version"]))
     local = Path(resolve_model(uri, registry=registry))
     metadata_file = local / REGISTRY_METADATA
     registry_metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}

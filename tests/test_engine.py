@@ -1,6 +1,7 @@
 """The training loop in one process: tiny CPU models that really train a few steps."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,12 @@ def test_cli_train_then_evaluate(tmp_path):
     assert out.exit_code == 0, out.output
     assert "mIoU" in out.output and "background" in out.output
     assert grid.stat().st_size > 1000
+    # the run directory names its latest complete checkpoint (a half-written newer one is skipped)
+    run_dir = Path(ckpt).parent.parent
+    (run_dir / "checkpoints" / "step_9999999" / "student_0").mkdir(parents=True)
+    by_run = runner.invoke(app, ["evaluate", str(run_dir)])
+    assert by_run.exit_code == 0, by_run.output
+    assert by_run.output.split("mIoU")[-1] == out.output.split("mIoU")[-1].split("grid:")[0]
 
 
 def test_cli_rejects_a_bad_spec_before_training(tmp_path):

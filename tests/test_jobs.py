@@ -213,6 +213,9 @@ def test_registry_versions_metadata_and_integrity(registry_uri, tmp_path, monkey
     assert (local / "meta.json").is_file() and (local / "student_1" / "teacher.pt").is_file()
     assert resolve_model(f"{registry_uri}/demo") == resolve_model(f"{registry_uri}/demo/2")
     assert resolve_model(str(tmp_path / "ckpt1")) == tmp_path / "ckpt1"  # a plain checkpoint dir
+    if not registry_uri.startswith("s3://"):  # a relative path to a model's directory, as the README writes it
+        monkeypatch.chdir(tmp_path)
+        assert resolve_model("registry/demo").resolve() == resolve_model(f"{registry_uri}/demo/2").resolve()
 
     # Tamper with one file of version 1 where it is stored: reading it names the file.
     if registry_uri.startswith("s3://"):
