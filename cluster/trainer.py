@@ -42,7 +42,7 @@ from ray.train.torch import TorchTrainer
 from seminar import checkpoint, storage
 from seminar.config import TrainConfig
 from seminar.exchange import InProcessExchange
-from seminar.runs import new_run_name
+from seminar.runs import append_history, new_run_name
 
 from .exchange import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
 from .metrics import TrainMetrics
@@ -158,6 +158,8 @@ class Reporter:
             served = choose_served(self.cfg, merged)
             if checkpoint_dir:
                 checkpoint.update_meta(checkpoint_dir, served=served, metrics=merged)
+        if self.rank == 0:  # one writer of the run's history, beside its checkpoints
+            append_history(f"{self.cfg.storage.path.rstrip('/')}/{self.cfg.storage.run_name}", merged)
         ray_checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(merged, checkpoint=ray_checkpoint)
         if ray_checkpoint:
@@ -253,6 +255,8 @@ def build_trainer(cfg: TrainConfig, run_name: str, callbacks=None, *, num_worker
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     res = worker_resources(cfg)
     storage_path, storage_filesystem = storage_location(cfg.storage.path)
+    if storage_filesystem is None:
+        cfg.storage.path = storage_path  # absolute: workers do not run in the driver's directory
     board = ExchangeBoard.remote(cfg.num_students, cfg.resources.replicas_per_student)
     return TorchTrainer(
         train_fn_per_worker,

@@ -101,9 +101,85 @@ def evaluate(
         console.print(f"grid: {save_grid(segmenter, cfg.data, split, grid, samples)}", soft_wrap=True)
 
 
+runs_app = typer.Typer(no_args_is_help=True, help="Runs under a storage path: list, show, plot.")
+PATH_HELP = "storage path the runs are under (a spec's storage.path): local or s3://"
+
+
+def _run_directory(run: str, path: str) -> str:
+    """RUN as given when it is a directory (or s3:// URI), else PATH/RUN."""
+    return run if run.startswith("s3://") or Path(run).is_dir() else f"{path.rstrip('/')}/{run}"
+
+
+@runs_app.command("list")
+def runs_list(path: str = typer.Option("runs", "--path", help=PATH_HELP)) -> None:
+    """Every run: its step, the served model's val mIoU, its latest checkpoint."""
+    from .runs import list_runs
+
+    try:
+        runs = list_runs(path)
+    except (OSError, ValueError) as e:
+        fail(f"cannot list runs under {path}: {' '.join(str(e).split())}")
+    table = Table(title=f"runs under {path}")
+    for column in ("run", "step", "served mIoU", "latest checkpoint"):
+        table.add_column(column, overflow="fold")
+    for r in runs:
+        miou = "-" if r.served_miou is None else f"{r.served_miou:.4f}"
+        table.add_row(r.name, f"{r.step}/{r.steps or '?'}", miou, r.checkpoint or "-")
+    console.print(table)
+    if not runs:
+        console.print(f"no runs under {path}")
+
+
+@runs_app.command("show")
+def runs_show(run: str = typer.Argument(..., help="run name under --path, or a run directory"),
+              path: str = typer.Option("runs", "--path", help=PATH_HELP)) -> None:
+    """A run's spec, status, last metrics and checkpoints."""
+    from .checkpoint import META
+    from .runs import HISTORY, read_run
+
+    info = read_run(_run_directory(run, path))
+    if not info.checkpoint and not info.history:
+        fail(f"{info.directory}: no run there (no checkpoint with {META}, no {HISTORY})")
+    spec = info.meta.get("spec") or {}
+    status = "finished" if info.steps and info.step >= info.steps else f"stopped or running at step {info.step}"
+    console.print(f"[bold]{info.name}[/]  {info.directory}")
+    console.print(f"  status:      {status} (of {info.steps or '?'} steps)")
+    if spec:
+        students = ", ".join(s["model"] for s in spec["students"])
+        m = spec["method"]
+        console.print(f"  data:        {spec['data']['dataset']} ({spec['data'].get('root') or 'built-in'}), "
+                      f"clicks: {info.meta.get('click_source')}")
+        console.print(f"  students:    {students}")
+        console.print(f"  method:      w_ts={m['w_ts']} w_ss={m['w_ss']} tau={m['tau']} ema_decay={m['ema_decay']} "
+                      f"supervision={m['supervision']}")
+    last = info.history[-1] if info.history else info.meta.get("metrics", {})
+    table = Table(title=f"last report (step {last.get('step', '?')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(k for k in last if "/iou/" not in k and "click_purity/" not in k):
+        value = last[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"  latest checkpoint: {info.checkpoint or '-'}  (served: {info.meta.get('served', '-')})")
+
+
+@runs_app.command("plot")
+def runs_plot(run: str = typer.Argument(..., help="run name under --path, or a run directory"),
+              out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="PNG to write"),
+              path: str = typer.Option("runs", "--path", help=PATH_HELP)) -> None:
+    """PNG curves: each student's losses, every network's val mIoU, pseudo-label coverage and accuracy."""
+    from .runs import plot_history, read_run
+
+    info = read_run(_run_directory(run, path))
+    if not info.history:
+        fail(f"{info.directory}: no metrics.jsonl to plot")
+    console.print(f"curves: {plot_history(info, out)}", soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
-    """Add evaluate and data to the `seminar` app."""
+    """Add evaluate, data and runs to the `seminar` app."""
     from .data.cli import data_app
 
     app.command("evaluate")(evaluate)
     app.add_typer(data_app, name="data", help="Inspect click data and datasets.")
+    app.add_typer(runs_app, name="runs")

@@ -22,8 +22,35 @@ from .config import TrainConfig
 from .engine import WorkerContext, train_worker
 from .exchange import InProcessExchange
 
-# Every report of an in-process run, one JSON object a line, beside its checkpoints.
+# Every report of a run, one JSON object a line, beside its checkpoints (written by one
+# process: the in-process driver, or rank 0 on Ray).
 HISTORY = "metrics.jsonl"
+
+
+def append_history(run_dir: str, metrics: dict[str, float]) -> None:
+    """Add one report to `<run_dir>/metrics.jsonl`: appended locally, rewritten on S3 (an
+    object cannot be appended to; the file is small)."""
+    uri = f"{run_dir.rstrip('/')}/{HISTORY}"
+    line = (json.dumps(metrics) + "\n").encode()
+    if storage.is_s3(uri):
+        storage.write_bytes(uri, (storage.read_bytes(uri) if storage.exists(uri) else b"") + line)
+    else:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        with open(uri, "ab") as f:
+            f.write(line)
+
+
+def read_history(run_dir: str) -> list[dict[str, float]]:
+    """A run's reports in step order; a step reported again after a resume keeps its last report."""
+    uri = f"{run_dir.rstrip('/')}/{HISTORY}"
+    if not storage.exists(uri):
+        return []
+    by_step: dict[int, dict] = {}
+    for line in storage.read_bytes(uri).decode().splitlines():
+        if line.strip():
+            report = json.loads(line)
+            by_step[int(report.get("step", 0))] = report
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def new_run_name() -> str:
@@ -61,14 +88,8 @@ def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResul
     bar = tqdm(total=cfg.optim.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     saved: list[str] = []
 
-    history = None if storage.is_s3(cfg.storage.path) else Path(cfg.storage.path) / cfg.storage.run_name / HISTORY
-    if history:
-        history.parent.mkdir(parents=True, exist_ok=True)
-
     def report(metrics: dict[str, float], directory: str | None) -> None:
-        if history:  # every report, one JSON line: the run's curves
-            with history.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        append_history(_run_dir(cfg), metrics)  # every report: the run's curves
         bar.update(int(metrics["step"]) - bar.n)
         bar.set_postfix({f"s{k}": f"{metrics.get(f's{k}/loss', float('nan')):.3f}" for k in range(cfg.num_students)})
         if directory:
@@ -106,3 +127,90 @@ def summary_table(metrics: dict[str, float], classes: list[str], num_students: i
     if "val/miou" in metrics:
         table.add_row("[bold]served model mIoU[/]", f"[bold]{metrics['val/miou']:.3f}[/]")
     return table
+
+
+@dataclass
+class RunInfo:
+    """What a run directory holds: its latest checkpoint and history, read back."""
+
+    name: str
+    directory: str
+    checkpoint: str | None  # the latest complete one
+    meta: dict  # that checkpoint's meta.json ({} without one)
+    history: list[dict[str, float]]
+
+    @property
+    def step(self) -> int:
+        return max([int(self.meta.get("step", 0))] + [int(h.get("step", 0)) for h in self.history[-1:]])
+
+    @property
+    def steps(self) -> int | None:
+        return (self.meta.get("spec") or {}).get("optim", {}).get("steps")
+
+    @property
+    def served_miou(self) -> float | None:
+        evaluated = [h for h in self.history if "val/miou" in h]
+        if evaluated:
+            return evaluated[-1]["val/miou"]
+        return (self.meta.get("metrics") or {}).get("val/miou")
+
+
+def read_run(directory: str) -> RunInfo:
+    directory = directory.rstrip("/")
+    latest = checkpoint.latest_in_run(directory)
+    meta = checkpoint.read_meta(latest) if latest else {}
+    return RunInfo(directory.rsplit("/", 1)[-1], directory, latest, meta, read_history(directory))
+
+
+def list_runs(path: str) -> list[RunInfo]:
+    """Every run under a storage path (local or s3://): directories with a history or a checkpoint."""
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.filesystem(path)
+    runs = []
+    for info in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory:
+            run = read_run(f"{path.rstrip('/')}/{info.base_name}")
+            if run.checkpoint or run.history:
+                runs.append(run)
+    return sorted(runs, key=lambda r: r.name)
+
+
+def plot_history(run: RunInfo, out: str | Path) -> Path:
+    """Curves of a run: each student's losses, every network's val mIoU, pseudo-label coverage
+    and the diagnostics' accuracies, one panel each, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = run.history
+    num_students = int(run.meta.get("num_students") or 1 + max(
+        [int(k[1:].split("/")[0]) for h in history for k in h if k.startswith("s") and k[1:2].isdigit()] or [0]))
+    panels = [
+        ("losses", [f"s{k}/{t}" for k in range(num_students) for t in ("loss_sup", "loss_ts", "loss_ss")]),
+        ("val mIoU", [f"s{k}/val_miou_{w}" for k in range(num_students) for w in ("student", "teacher")]
+         + ["val_miou_teacher_ensemble", "val/miou"]),
+        ("pseudo-labels (unclicked pixels)", [f"s{k}/{m}" for k in range(num_students)
+                                              for m in ("pseudo_frac", "diag_pseudo_acc", "diag_student_acc")]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(h["step"], h[key]) for h in history if key in h]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(points) < 10 else None, markersize=3,
+                        label="served" if key == "val/miou" else key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"run {run.name}")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -88,6 +88,15 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file (an S3 object cannot be appended to: callers rewrite it)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
 class NotWritable(ValueError):
     """A run's storage that cannot take its checkpoints."""
 

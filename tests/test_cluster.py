@@ -27,6 +27,7 @@ from seminar import checkpoint, storage
 from seminar.config import load_spec
 from seminar.engine import write_initial_checkpoint
 from seminar.exchange import CompactPrediction, InProcessExchange
+from seminar.runs import read_history
 
 TINY = [
     "data.synthetic.image_size=32", "data.crop_size=[32,32]", "data.synthetic.num_train=16",
@@ -135,6 +136,9 @@ def test_ray_run_matches_in_process_losses(ray_session, tmp_path):
     assert summary.step == 3
     assert set(summary.miou) >= {"s0/student", "s0/teacher", "s1/student", "s1/teacher", "served"}
     assert Path(summary.checkpoint, "student_1", "teacher.pt").is_file()
+    # rank 0 kept the run's history beside its checkpoints, every worker's metrics in it
+    history = read_history(str(tmp_path / "runs" / summary.run_name))
+    assert [h["step"] for h in history] == [1, 2, 3] and history[-1]["s1/loss"] == remote[-1]["s1/loss"]
 
 
 class MetricsScraper(threading.Thread):
@@ -179,6 +183,10 @@ def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
     # Started again once finished: nothing to train, the same final checkpoint.
     third = run_training(tiny_spec(runs, 3, 3, "storage.run_name=on-s3"), address=ray_session.address)
     assert (third.step, third.checkpoint) == (3, second.checkpoint)
+
+    # the history on S3 (rewritten per report), each step once although the run resumed
+    assert [h["step"] for h in read_history(f"{runs}/on-s3")] == [1, 2, 3]
+    assert checkpoint.resolve(f"{runs}/on-s3") == second.checkpoint  # a run names its latest checkpoint
 
     segmenter = Segmenter.load(second.checkpoint)
     labels, confidence = segmenter.segment(np.zeros((32, 32, 3), np.uint8))
