@@ -244,7 +244,32 @@ def models_list(registry: Optional[str] = typer.Option(None, "--registry", "-r",
                       "-" if miou is None else f"{miou:.4f}", str(meta.get("click_source")))
     console.print(table)
     if not rows:
-        console.print("no models yet: `seminar tune SPEC` publishes the best of a sweep")
+        console.print("no models yet: `seminar models publish RUN --name NAME` or `seminar tune SPEC` add one")
+
+
+@models_app.command("publish")
+def models_publish(
+    source: str = typer.Argument(..., help="a run directory (its latest checkpoint) or a checkpoint, local or s3://"),
+    name: str = typer.Option(..., "--name", "-n", help="model name in the registry"),
+    registry: Optional[str] = typer.Option(None, "--registry", "-r", help=REGISTRY_HELP),
+    with_optimizer: bool = typer.Option(False, "--with-optimizer", help="keep the resume state (optimizer, look-ahead)"),
+) -> None:
+    """Publish a trained model as the next version of NAME (weights only, checksummed)."""
+    from seminar import checkpoint
+    from seminar.registry import ModelRegistry, RegistryError
+
+    try:
+        found = checkpoint.resolve(source)
+        mv = ModelRegistry(registry).publish(found, name, include_optimizer=with_optimizer)
+    except FileNotFoundError as e:
+        fail(str(e))
+    except RegistryError as e:
+        fail(str(e), code=1)
+    size = sum(f["bytes"] for f in mv.metadata["files"].values())
+    console.print(f"published [bold]{mv.model}/{mv.version}[/] ({size / 2**20:.1f} MiB, from {found}) at {mv.uri}",
+                  soft_wrap=True)
+    console.print(f"  serve it: seminar serve {mv.model}/{mv.version} --registry {ModelRegistry(registry).uri}",
+                  soft_wrap=True)
 
 
 @models_app.command("show")

@@ -35,6 +35,7 @@ from typing import Any
 from . import checkpoint
 
 METADATA_FILE = "metadata.json"
+RESUME_ONLY = ("optimizer.pt", checkpoint.LOOK_AHEAD)  # checkpoint files serving never reads
 CHECKPOINT_META = checkpoint.META  # written by training; marks a checkpoint dir
 DEFAULT_REGISTRY_ENV = "SEMINAR_REGISTRY"
 DEFAULT_REGISTRY = "runs/registry"
@@ -343,12 +344,13 @@ class ModelRegistry:
     @_wrap_storage_errors
     def publish(self, checkpoint: str | Path, model: str, *, metrics: dict[str, float] | None = None,
                 spec: dict | None = None, extra: dict[str, Any] | None = None,
-                include_optimizer: bool = True) -> ModelVersion:
+                include_optimizer: bool = False) -> ModelVersion:
         """Copy a checkpoint (local dir or s3:// prefix) in as the next version of model.
 
-        `metrics` (e.g. the sweep's) are merged over those the checkpoint recorded. The
-        optimizer state is kept by default (`seminar.checkpoint.read_student` loads it, and
-        a registered model can be fine-tuned); `include_optimizer=False` leaves it out.
+        `metrics` (e.g. the sweep's) are merged over those the checkpoint recorded. Weights
+        only by default (what serving needs; the optimizer state is most of a checkpoint's
+        bytes); `include_optimizer=True` keeps the resume state too (optimizer, look-ahead),
+        so that the version can be trained on.
         """
         _check_model_name(model)
         with tempfile.TemporaryDirectory(prefix="seminar-publish-") as tmp:
@@ -359,7 +361,7 @@ class ModelRegistry:
             meta = json.loads(meta_path.read_text())
             rel_files = sorted(
                 str(p.relative_to(local)) for p in local.rglob("*")
-                if p.is_file() and p.name != METADATA_FILE and (include_optimizer or p.name != "optimizer.pt"))
+                if p.is_file() and p.name != METADATA_FILE and (include_optimizer or p.name not in RESUME_ONLY))
             files = {rel: {"sha256": sha256_file(local / rel), "bytes": (local / rel).stat().st_size}
                      for rel in rel_files}
 

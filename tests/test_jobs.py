@@ -197,7 +197,7 @@ def test_registry_versions_metadata_and_integrity(registry_uri, tmp_path, monkey
     monkeypatch.setenv("SEMINAR_MODEL_CACHE", str(tmp_path / "cache"))
     reg = ModelRegistry(registry_uri)
     first = reg.publish(fake_checkpoint(tmp_path / "ckpt1", 0.4), "demo", metrics={"val/miou": 0.41})
-    second = reg.publish(fake_checkpoint(tmp_path / "ckpt2", 0.6), "demo")
+    second = reg.publish(fake_checkpoint(tmp_path / "ckpt2", 0.6), "demo", include_optimizer=True)
     assert (first.version, second.version) == (1, 2)
     assert reg.models() == ["demo"] and reg.versions("demo") == [1, 2]
 
@@ -208,6 +208,7 @@ def test_registry_versions_metadata_and_integrity(registry_uri, tmp_path, monkey
     assert set(meta["files"]) == {"meta.json", *(f"student_{k}/{n}" for k in range(2)
                                                  for n in ("student.pt", "teacher.pt", "optimizer.pt", "state.json"))}
     assert reg.get("demo", 1).metadata["metrics"]["val/miou"] == 0.41
+    assert "student_0/optimizer.pt" not in reg.get("demo", 1).metadata["files"]  # weights only by default
 
     local = resolve_model("demo/1", registry=registry_uri)
     assert (local / "meta.json").is_file() and (local / "student_1" / "teacher.pt").is_file()
@@ -272,7 +273,15 @@ def test_registry_refuses_a_link_out_of_the_version(tmp_path):
 
 def test_models_cli_list_show(tmp_path):
     registry = str(tmp_path / "registry")
-    ModelRegistry(registry).publish(fake_checkpoint(tmp_path / "ckpt", 0.55), "demo")
+    # a run directory publishes its latest checkpoint, weights only
+    run = tmp_path / "runs" / "some-run"
+    fake_checkpoint(run / "checkpoints" / "step_0000002", 0.55)
+    published = runner.invoke(app, ["models", "publish", str(run), "--name", "demo", "--registry", registry])
+    assert published.exit_code == 0 and "demo/1" in published.output, published.output
+    files = ModelRegistry(registry).get("demo", 1).metadata["files"]
+    assert "student_0/teacher.pt" in files and not any(f.endswith("optimizer.pt") for f in files)
+    nothing = runner.invoke(app, ["models", "publish", str(tmp_path / "runs"), "--name", "x", "--registry", registry])
+    assert nothing.exit_code == 2 and "not a checkpoint" in nothing.output
     listed = runner.invoke(app, ["models", "list", "--registry", registry])
     assert listed.exit_code == 0 and "demo" in listed.output and "0.5500" in listed.output
     shown = runner.invoke(app, ["models", "show", "demo", "--registry", registry, "--verify"])
