@@ -281,8 +281,8 @@ class ServingConfig(Strict):
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 503 when overloaded")
     body_timeout_s: float = Field(10.0, gt=0, description="a request body must arrive within this time (408 "
                                   "after): a slow client cannot hold a replica's slot longer")
-    max_uploads: int = Field(8, ge=1, description="bodies a replica receives at once; more get 503 with "
-                             "Retry-After instead of waiting behind slow senders")
+    max_slow_uploads: int = Field(8, ge=1, description="bodies still arriving after a second, per replica; past "
+                                  "this, new requests get 503 with Retry-After instead of waiting behind slow senders")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica (None = all cores)")
     num_cpus: float = Field(1, ge=0, description="logical CPUs a replica reserves")
     omp_wait_policy: Literal["passive", "active"] | None = Field(

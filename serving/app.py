@@ -68,6 +68,7 @@ WEB_PAGE = Path(__file__).parent / "index.html"
 ROUTES = ("/", "/healthz", "/readyz", "/v1/model", "/v1/segment")
 # Room for the multipart envelope around an image of max_bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+SLOW_UPLOAD_S = 1.0  # a body still arriving after this counts against serving.max_slow_uploads
 OutputFormat = Literal["png", "json", "overlay"]
 
 
@@ -108,7 +109,7 @@ class SegmentationService:
         self.budget = PixelBudget(cfg.max_batch_size, cfg.batch_pixel_budget)
         self.infer.set_max_batch_size(cfg.max_batch_size)
         self.in_flight = 0  # segment requests in this replica, from body read to answer
-        self.uploads = 0  # request bodies being received
+        self.uploads: dict[object, float] = {}  # request bodies being received -> when they started
         self.forward_idle = asyncio.Event()  # set while no batched forward runs
         self.forward_idle.set()
         self.metrics = ServingMetrics(self.version, self.segmenter.which)
@@ -358,16 +359,20 @@ def build_http_app(service: SegmentationService) -> FastAPI:
     async def segment(request: Request, format: OutputFormat = "png",
                       alpha: float | None = Query(None, ge=0, le=1, description="overlay opacity")) -> Response:
         cfg = service.cfg
-        # Bodies still arriving hold a replica slot each: past max_uploads, a new request is
-        # told to come back rather than queued behind senders that may never finish.
-        if service.uploads >= cfg.max_uploads:
-            return JSONResponse({"error": "busy", "detail": f"{service.uploads} uploads in progress; retry"},
+        # A body still arriving holds a replica slot: past max_slow_uploads bodies that have
+        # taken over a second, a new request is told to come back rather than queued behind
+        # senders that may never finish (fast uploads, however many, never count).
+        now = time.monotonic()
+        slow = sum(now - started > SLOW_UPLOAD_S for started in service.uploads.values())
+        if slow >= cfg.max_slow_uploads:
+            return JSONResponse({"error": "busy", "detail": f"{slow} slow uploads in progress; retry"},
                                 status_code=503, headers={"Retry-After": f"{cfg.retry_after_s:g}"})
-        service.uploads += 1
+        key = object()
+        service.uploads[key] = now
         try:
             data = await read_upload(request, cfg.max_bytes, cfg.body_timeout_s)
         finally:
-            service.uploads -= 1
+            del service.uploads[key]
         return await service.segment(data, format, alpha)
 
     return app

@@ -78,7 +78,7 @@ def server(ray_session, registry_model):
         serving = ServingConfig(infer_size=INFER_SIZE, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS,
                                 num_replicas=1, max_batch_size=8, batch_pixel_budget=8 * 64 * 64,
                                 max_ongoing_requests=16, max_queued_requests=32, torch_threads=1,
-                                body_timeout_s=BODY_TIMEOUT_S, max_uploads=8)
+                                body_timeout_s=BODY_TIMEOUT_S, max_slow_uploads=8)
         serve.run(build_app(ServeArgs(model=registry_model[0], serving=serving)), name="seminar-test",
                   route_prefix="/")
         yield f"http://127.0.0.1:{port}"
