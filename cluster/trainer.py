@@ -351,7 +351,8 @@ def run_training(cfg: TrainConfig, address: str | None = None, console=None, **t
             check_resources(cfg, worker_resources(cfg), trainer_options.get("placement_strategy", "PACK"))
         trainer = build_trainer(cfg, run_name, **trainer_options)
         say = (lambda text: console.print(text, soft_wrap=True)) if console else print
-        say(f"run {run_name}: {cfg.num_students} students x {cfg.resources.replicas_per_student} replicas on Ray")
+        r = cfg.resources.replicas_per_student
+        say(f"run {run_name}: {cfg.num_students} students x {r} replica{'s' if r > 1 else ''} on Ray")
         result = trainer.fit()
         board = trainer.train_loop_config["board"]
         return summarize(result, cfg, run_name, ray.get(board.stats.remote()))

@@ -13,9 +13,10 @@ Baselines are the same spec with switches off (DESIGN §1):
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -342,11 +343,26 @@ class SpecError(ValueError):
     """A spec that does not validate; the message names every bad field."""
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """For an unknown field: the closest field its section has, if one is close."""
+    section: Any = TrainConfig
+    for part in (p for p in loc[:-1] if not isinstance(p, int)):  # list indices: same section
+        field = section.model_fields.get(part)
+        if field is None:
+            return ""
+        section = next((t for t in (field.annotation, *get_args(field.annotation))
+                        if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if section is None:
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid spec {source}:"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown field" + _did_you_mean(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
         got = repr(e.get("input"))
         got = got if len(got) <= 80 else got[:77] + "..."  # a value, not a whole section
         lines.append(f"  {field}: {msg}" if e["type"] == "missing" else f"  {field}: {msg} (got {got})")

@@ -45,7 +45,7 @@ def serve_command(
     min_replicas: Optional[int] = typer.Option(None, "--min-replicas", min=0, help="autoscaling lower bound"),
     max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1, help="autoscaling upper bound"),
     which: Optional[str] = typer.Option(None, help="best_teacher | primary_teacher | primary_student | teacher_ensemble"),
-    registry: Optional[str] = typer.Option(None, help="registry for bare model names (default: $SEMINAR_REGISTRY)"),
+    registry: Optional[str] = typer.Option(None, help="registry for bare model names: a local directory or s3://bucket/prefix; default: $SEMINAR_REGISTRY, else runs/registry"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="a job spec whose serving: section to use"),
     overrides: list[str] = typer.Option([], "--set", "-s", help="a serving field: key=value (repeatable)"),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray"),
