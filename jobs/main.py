@@ -1,7 +1,7 @@
 """The `seminar` command, assembled at the top of the house.
 
     seminar train [--config SPEC] [--set k=v] [--in-process | --address ADDR]
-    seminar evaluate | data ...          (seminar.cli: Ray-free)
+    seminar evaluate | runs | data ...   (seminar.cli: Ray-free)
     seminar serve ...                    (serving.cli)
     seminar submit | tune | jobs | models ...   (jobs.cli)
 

@@ -34,7 +34,7 @@ from seminar.data import (
     validate_clicks,
     write_click_table,
 )
-from seminar.data.cli import data_app
+from seminar.cli import data_app
 from seminar.data.transforms import draw_geometry
 
 DATA = Path(__file__).parent / "data"
