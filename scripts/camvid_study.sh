@@ -44,6 +44,7 @@ row_flags() {
     # the longer schedule (1000 steps, ~22 epochs): where pseudo-labels have time to pay off
     pce2_long)    echo "method.w_ts=0|method.w_ss=0|$long" ;;
     seminar_long) echo "$long" ;;
+    full_long)    echo "$one_student|method.supervision=dense|method.w_ts=0|method.w_ss=0|$long" ;;
     pce_mild_pair) echo "$one_student|students.0.augment=$mild|method.w_ts=0|method.w_ss=0|method.w_pair=1" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
