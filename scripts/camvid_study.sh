@@ -40,6 +40,7 @@ row_flags() {
     seminar_mild_pair) echo "students.0.augment=$mild|method.w_pair=1" ;;
     pce2_noaug)   echo "students.0.augment=$none|students.1.augment=$none|method.w_ts=0|method.w_ss=0" ;;
     seminar_noaug) echo "students.0.augment=$none|students.1.augment=$none" ;;
+    seminar_ssic) echo "method.ss_norm=image_class" ;;  # loss_ss per (image, class), as loss_sup
     seminar_noaug_ssic) echo "students.0.augment=$none|students.1.augment=$none|method.ss_norm=image_class" ;;
     # the longer schedule (1000 steps, ~22 epochs): where pseudo-labels have time to pay off
     pce2_long)    echo "method.w_ts=0|method.w_ss=0|$long" ;;
