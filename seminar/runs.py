@@ -7,6 +7,7 @@ Ray driver (`cluster.trainer.run_training`) runs the same `train_worker` on a cl
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import time
@@ -185,8 +186,8 @@ def plot_history(run: RunInfo, out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     history = run.history
-    num_students = int(run.meta.get("num_students") or 1 + max(
-        [int(k[1:].split("/")[0]) for h in history for k in h if k.startswith("s") and k[1:2].isdigit()] or [0]))
+    num_students = run.meta.get("num_students") or len({k.split("/")[0] for h in history for k in h
+                                                         if re.fullmatch(r"s\d+/loss", k)})
     panels = [
         ("losses", [f"s{k}/{t}" for k in range(num_students) for t in ("loss_sup", "loss_ts", "loss_ss")]),
         ("val mIoU", [f"s{k}/val_miou_{w}" for k in range(num_students) for w in ("student", "teacher")]

@@ -33,12 +33,12 @@ class ResolvedModel:
 
 
 def resolve_model_uri(uri: str, registry: str | None = None) -> ResolvedModel:
-    root = uri.rstrip("/")
-    if storage.exists(f"{root}/{checkpoint.META}") and not storage.exists(f"{root}/{REGISTRY_METADATA}"):
-        return ResolvedModel(uri, uri, str(checkpoint.read_meta(uri)["version"]))
-    latest = None if storage.exists(f"{root}/{REGISTRY_METADATA}") else checkpoint.latest_in_run(root)
-    if latest is not None:  # a run directory: its latest checkpoint
-        return ResolvedModel(uri, latest, str(checkpoint.read_meta(latest)["version"]))
+    if not storage.exists(f"{uri.rstrip('/')}/{REGISTRY_METADATA}"):
+        try:  # a checkpoint, or a run directory (its latest checkpoint)
+            found = checkpoint.resolve(uri)
+            return ResolvedModel(uri, found, str(checkpoint.read_meta(found)["version"]))
+        except FileNotFoundError:
+            pass  # a registry name or path
     local = Path(resolve_model(uri, registry=registry))
     metadata_file = local / REGISTRY_METADATA
     registry_metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
