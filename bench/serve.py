@@ -1,39 +1,37 @@
 """What serving costs: the HTTP endpoint against the bare model, side by side in one run.
 
-    flock /tmp/seminar-ray.lock .venv/bin/python bench/serve.py            # served defaults, ~4 min on 2 cores
-    flock /tmp/seminar-ray.lock .venv/bin/python bench/serve.py --infer-size 256 --image 320x240 \\
-        --rounds 4                                                         # small images: overhead-bound
+    flock /tmp/seminar-ray.lock .venv/bin/python bench/serve.py            # served defaults, ~5 min on 2 cores
+    flock /tmp/seminar-ray.lock .venv/bin/python bench/serve.py --runtime torch   # serve eager PyTorch
+    flock /tmp/seminar-ray.lock .venv/bin/python bench/serve.py --burst 2000      # + replica memory
 
 It starts its own local Ray (so it runs under the Ray lock on shared machines), serves an
-untrained checkpoint of `--model` written by the training code's checkpoint writer, and
-measures, on the same machine and the same torch thread count:
+untrained checkpoint of `--model` (default: the CamVid study's network) written by the
+training code's checkpoint writer, and measures, on the same machine and the same thread
+count, three ways of answering one image:
 
-  latency at batch 1     p50 / p99 of sequential POST /v1/segment (a JPEG of --image, resized
-                         to --infer-size, answered as a PNG label map at the original size)
-                         against the raw `model(x)` forward on the resized tensor;
-                         target: served p50 <= 1.2 x raw p50
+  eager        the raw `model(x)` forward (softmax included) in this process: what a user
+               would write; the reference of every ratio
+  onnx         the same network exported (seminar.export) and run by ONNX Runtime here
+  served       POST /v1/segment on the endpoint (`serving.runtime`, default onnx): a JPEG
+               of --image, resized to --infer-size, answered as a PNG label map at the
+               original size
+
+  latency at batch 1     p50 / p99, the three interleaved one after another per round;
+                         target: served p50 <= 0.8 x eager p50
   throughput             images/s with 8 and 32 concurrent clients against the offline
-                         batched forward (batch --batch at the same size, no HTTP);
-                         target: served >= 0.85 x offline
+                         batched eager forward (batch --batch at the same size, no HTTP);
+                         target: served >= 1.2 x offline eager
+  memory (--burst N)     the replica's resident memory before and after N requests from 32
+                         clients; target: after within 20% of before
 
-It also prints where a served request's time went, from the answers' Server-Timing header
-(decode, queue, forward, encode inside the replica; the rest is HTTP and Serve's routing),
-and the mean batch an answer was part of (X-Batch-Size). They tell serving overhead apart
-from a forward that runs slower inside the replica than in a process of its own.
+CPU-seconds of the in-process forwards are printed beside their wall time. It also prints
+where a served request's time went, from the answers' Server-Timing header (decode, queue,
+forward, encode inside the replica; the rest is HTTP and Serve's routing), and the mean
+batch an answer was part of (X-Batch-Size).
 
-The latency figures alternate one forward and one request, and the throughput runs
-alternate with offline forwards, so that load from other processes hits both sides alike.
 The HTTP clients run in this process: on a small machine they take CPU from the replica,
-which the ratios include. With as many torch threads as cores, any other busy thread on
-the machine stalls the forward's thread team, so on a small machine the figures are noisy:
-run it twice, and with `--threads 1` too.
-
-Measured on the 2-core development machine (quiet, load average ~1-2), defaults:
-2 threads: p50 438.5 ms served vs 394.8 ms raw (1.11x; decode 10.2, queue 1.2, forward
-399.0, encode 8.3, HTTP and routing 16.3 ms), throughput 0.87x (8 clients) and 0.94x (32)
-(a second run: 1.17x, 0.85x, 0.93x);
-1 thread: 669.8 vs 598.9 ms (1.12x), throughput 0.96x and 0.84x. Run to run, the ratios
-move by about +-0.1 on this machine.
+which the ratios include. On a shared machine, run it twice (ratios move by about +-0.1).
+Figures measured: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -56,13 +54,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LATENCY_TARGET = 1.2
-THROUGHPUT_TARGET = 0.85
+LATENCY_TARGET = 0.8
+THROUGHPUT_TARGET = 1.2
+MEMORY_TARGET = 1.2
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="deeplabv3plus_resnet18")
+    parser.add_argument("--model", default="deeplabv3plus_efficientnet_lite0")
+    parser.add_argument("--runtime", default="onnx", choices=["onnx", "torch"], help="the endpoint's serving.runtime")
+    parser.add_argument("--burst", type=int, default=0, help="requests of the memory burst (0 = none)")
     parser.add_argument("--infer-size", type=int, default=512, help="long side the endpoint resizes to")
     parser.add_argument("--image", default="640x480", help="uploaded image size, WIDTHxHEIGHT")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
@@ -98,7 +99,8 @@ def test_image(width: int, height: int) -> bytes:
 
 
 class RawModel:
-    """The bare model in this process, on the tensor the endpoint would build from the image."""
+    """The bare model in this process, eager and exported, on the tensor the endpoint would
+    build from the image."""
 
     def __init__(self, checkpoint: Path, jpeg: bytes, args):
         import torch
@@ -107,28 +109,25 @@ class RawModel:
         from serving.imaging import decode_image
 
         torch.set_num_threads(args.threads)
-        segmenter = Segmenter.load(str(checkpoint))
-        self.model = segmenter.models[0]
-        self.x = segmenter.model_input(decode_image(jpeg, 2**30), args.infer_size).unsqueeze(0)
+        eager = Segmenter.load(str(checkpoint), runtime="torch")
+        self.forwards = {"eager": eager.network,  # softmax included, as served
+                         "onnx": Segmenter.load(str(checkpoint), runtime="onnx", threads=args.threads).network}
+        self.x = eager.model_input(decode_image(jpeg, 2**30), args.infer_size).unsqueeze(0)
         self.batch = self.x.expand(args.batch, -1, -1, -1).contiguous()
-        for _ in range(2):
-            self.forward_one()
-            self.forward_batch()
+        self.cpu_s: dict[str, list[float]] = {name: [] for name in self.forwards}
+        for name in self.forwards:
+            for _ in range(2):
+                self.forward(name, self.x)
+                self.forward(name, self.batch)
 
-    def forward_one(self) -> float:
+    def forward(self, name: str, x) -> float:
         import torch
 
         with torch.no_grad():
-            start = time.perf_counter()
-            self.model(self.x)
-            return time.perf_counter() - start
-
-    def forward_batch(self) -> float:
-        import torch
-
-        with torch.no_grad():
-            start = time.perf_counter()
-            self.model(self.batch)
+            start, cpu = time.perf_counter(), time.process_time()
+            self.forwards[name](x)
+            if x.shape[0] == 1:
+                self.cpu_s[name].append(time.process_time() - cpu)
             return time.perf_counter() - start
 
 
@@ -174,17 +173,19 @@ class Endpoint:
 
 
 def measure(raw: RawModel, endpoint: Endpoint, args) -> dict:
-    """Interleaved, so that load from other processes on a shared machine hits both sides alike."""
-    raw_single, served_single = [], []
+    """Interleaved, so that load from other processes on a shared machine hits every side alike."""
+    raw_single, onnx_single, served_single = [], [], []
     endpoint.parts.clear()
-    for _ in range(args.requests):  # alternating, so that a burst of outside load hits both sides
-        raw_single.append(raw.forward_one())
+    for _ in range(args.requests):  # one of each per round: a burst of outside load hits all three
+        raw_single.append(raw.forward("eager", raw.x))
+        onnx_single.append(raw.forward("onnx", raw.x))
         served_single.append(endpoint.post())
     parts = {name: 1000 * statistics.median(p[name] for p in endpoint.parts) for name in endpoint.parts[0]}
-    offline_rates, served_rates, batch_sizes, forward_rates = [], {8: [], 32: []}, {8: [], 32: []}, {8: [], 32: []}
+    offline_rates, onnx_rates, served_rates, batch_sizes, forward_rates = [], [], {8: [], 32: []}, {8: [], 32: []}, {8: [], 32: []}
     for _ in range(2):
         for clients in (8, 32):
-            offline_rates.append(args.batch / min(raw.forward_batch() for _ in range(2)))
+            offline_rates.append(args.batch / min(raw.forward("eager", raw.batch) for _ in range(2)))
+            onnx_rates.append(args.batch / min(raw.forward("onnx", raw.batch) for _ in range(2)))
             endpoint.batch_sizes.clear()
             endpoint.forward_s.clear()
             served_rates[clients].append(endpoint.images_per_s(clients, args.rounds))
@@ -195,16 +196,40 @@ def measure(raw: RawModel, endpoint: Endpoint, args) -> dict:
     return {
         "input": list(raw.x.shape),
         "raw_p50_ms": 1000 * percentile(raw_single, 50), "raw_p99_ms": 1000 * percentile(raw_single, 99),
+        "onnx_p50_ms": 1000 * percentile(onnx_single, 50), "onnx_p99_ms": 1000 * percentile(onnx_single, 99),
+        # per-round ratios: their spread says how much the machine moved the figures
+        "served_over_raw": [s / r for s, r in zip(served_single, raw_single)],
+        "onnx_over_raw": [o / r for o, r in zip(onnx_single, raw_single)],
+        "cpu_ms": {name: 1000 * statistics.median(v) for name, v in raw.cpu_s.items()},
         "served_p50_ms": 1000 * percentile(served_single, 50), "served_p99_ms": 1000 * percentile(served_single, 99),
         # where a served request's time went (medians, ms): the replica's Server-Timing parts
         # (decode, queue, forward, encode) and the rest, HTTP and Serve's routing ("http")
         "served_parts_ms": parts,
         "offline_images_per_s": statistics.median(offline_rates),
+        "onnx_offline_images_per_s": statistics.median(onnx_rates),
         **{f"served_images_per_s_{c}": statistics.median(rates) for c, rates in served_rates.items()},
         # mean batch an answered request was part of
         **{f"served_mean_batch_{c}": statistics.mean(sizes) for c, sizes in batch_sizes.items()},
         **{f"replica_forward_images_per_s_{c}": statistics.median(rates) for c, rates in forward_rates.items()},
     }
+
+
+def replica_rss_mb() -> float:
+    """Resident memory of the one replica (its process, from Ray's state API)."""
+    from ray.util.state import list_actors
+
+    (replica,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:bench:")]
+    for line in Path(f"/proc/{replica.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def burst_memory(endpoint: Endpoint, requests: int) -> dict:
+    before = replica_rss_mb()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda _: endpoint.post(), range(requests)))
+    return {"burst_requests": requests, "replica_rss_before_mb": before, "replica_rss_after_mb": replica_rss_mb()}
 
 
 def run(checkpoint: Path, jpeg: bytes, args) -> dict:
@@ -218,14 +243,17 @@ def run(checkpoint: Path, jpeg: bytes, args) -> dict:
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        cfg = ServingConfig(infer_size=args.infer_size, num_replicas=1, torch_threads=args.threads,
+        cfg = ServingConfig(infer_size=args.infer_size, num_replicas=1, torch_threads=args.threads, runtime=args.runtime,
                             max_batch_size=args.batch, batch_pixel_budget=args.batch * args.infer_size**2,
                             batch_wait_timeout_s=args.batch_wait, max_ongoing_requests=64, max_queued_requests=-1)
         serve.run(build_app(ServeArgs(model=str(checkpoint), serving=cfg)), name="bench", route_prefix="/")
         endpoint = Endpoint(f"http://127.0.0.1:{port}/v1/segment", jpeg)
         for _ in range(3):
             endpoint.post()
-        return measure(RawModel(checkpoint, jpeg, args), endpoint, args)
+        figures = measure(RawModel(checkpoint, jpeg, args), endpoint, args)
+        if args.burst:
+            figures.update(burst_memory(endpoint, args.burst))
+        return figures
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -243,22 +271,34 @@ def main() -> None:
     ratios = {c: figures[f"served_images_per_s_{c}"] / figures["offline_images_per_s"] for c in (8, 32)}
     height_px, width_px = figures["input"][2:]
     print(f"\nserving benchmark: {args.model}, {width}x{height} JPEG -> forward at {width_px}x{height_px}, "
-          f"{args.threads} torch threads, {len(os.sched_getaffinity(0))} cores, batch {args.batch}, "
+          f"served by {args.runtime}, {args.threads} threads, {len(os.sched_getaffinity(0))} cores, batch {args.batch}, "
           f"batch wait {1000 * args.batch_wait:g} ms; load average before/after {load_before} / {os.getloadavg()[0]:.1f}")
-    print(f"{'latency, batch 1':<34}{'p50 ms':>10}{'p99 ms':>10}")
-    print(f"{'  model(x), one process':<34}{figures['raw_p50_ms']:>10.1f}{figures['raw_p99_ms']:>10.1f}")
+    print(f"{'latency, batch 1':<34}{'p50 ms':>10}{'p99 ms':>10}{'cpu ms':>10}")
+    cpu = figures["cpu_ms"]
+    print(f"{'  eager model(x), one process':<34}{figures['raw_p50_ms']:>10.1f}{figures['raw_p99_ms']:>10.1f}{cpu['eager']:>10.1f}")
+    print(f"{'  onnx runtime, one process':<34}{figures['onnx_p50_ms']:>10.1f}{figures['onnx_p99_ms']:>10.1f}{cpu['onnx']:>10.1f}")
     print(f"{'  POST /v1/segment (PNG answer)':<34}{figures['served_p50_ms']:>10.1f}{figures['served_p99_ms']:>10.1f}")
     print("    of which (medians, ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in figures["served_parts_ms"].items()))
-    print(f"  p50 ratio {latency_ratio:.2f} (target <= {LATENCY_TARGET}: "
+    for name, key in (("onnx / eager", "onnx_over_raw"), ("served / eager", "served_over_raw")):
+        values = figures[key]
+        print(f"  {name}: median of per-round ratios {statistics.median(values):.2f} "
+              f"(min {min(values):.2f}, max {max(values):.2f}, {len(values)} rounds)")
+    print(f"  p50 ratio served / eager {latency_ratio:.2f} (target <= {LATENCY_TARGET}: "
           f"{'met' if latency_ratio <= LATENCY_TARGET else 'MISSED'})")
     print(f"{'throughput':<34}{'images/s':>10}{'ratio':>10}")
-    print(f"{f'  offline forward, batch {args.batch}':<34}{figures['offline_images_per_s']:>10.2f}")
+    print(f"{f'  offline eager forward, batch {args.batch}':<34}{figures['offline_images_per_s']:>10.2f}")
+    print(f"{f'  offline onnx forward, batch {args.batch}':<34}{figures['onnx_offline_images_per_s']:>10.2f}"
+          f"{figures['onnx_offline_images_per_s'] / figures['offline_images_per_s']:>10.2f}")
     for clients, ratio in ratios.items():
         verdict = "met" if ratio >= THROUGHPUT_TARGET else "MISSED"
         print(f"{f'  {clients} concurrent clients':<34}{figures[f'served_images_per_s_{clients}']:>10.2f}"
               f"{ratio:>10.2f}  (target >= {THROUGHPUT_TARGET}: {verdict}; "
               f"mean batch {figures[f'served_mean_batch_{clients}']:.1f}; the replica's forwards alone: "
               f"{figures[f'replica_forward_images_per_s_{clients}']:.2f} images/s)")
+    if args.burst:
+        before, after = figures["replica_rss_before_mb"], figures["replica_rss_after_mb"]
+        print(f"memory: replica {before:.0f} MB before, {after:.0f} MB after {args.burst} requests from 32 clients "
+              f"({after / before:.2f}x; target <= {MEMORY_TARGET}: {'met' if after / before <= MEMORY_TARGET else 'MISSED'})")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures,
                                          "latency_ratio": latency_ratio, "throughput_ratio": ratios}, indent=2))

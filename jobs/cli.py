@@ -3,7 +3,8 @@
     seminar submit SPEC --address http://HEAD:8265 [--set k=v] [--follow]
     seminar tune SPEC [--address URL] [--registry PREFIX]
     seminar jobs list | status ID | logs ID [-f] | stop ID
-    seminar models list | show NAME[/VERSION]  [--registry PREFIX]
+    seminar models list | show NAME[/VERSION] | publish RUN --name NAME  [--registry PREFIX]
+    seminar models export MODEL --out model.onnx
 
 `register(app)` adds them to the `seminar` app (`jobs/main.py`). Specs are validated in full here, before
 anything reaches a cluster; cluster and registry failures print one line, not a trace.
@@ -270,6 +271,39 @@ def models_publish(
                   soft_wrap=True)
     console.print(f"  serve it: seminar serve {mv.model}/{mv.version} --registry {ModelRegistry(registry).uri}",
                   soft_wrap=True)
+
+
+@models_app.command("export")
+def models_export(
+    model: str = typer.Argument(..., help="checkpoint, run directory or registry name, as `seminar serve` takes"),
+    out: str = typer.Option(..., "--out", "-o", help="the .onnx file to write, local or s3://"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the only format)"),
+    which: Optional[str] = typer.Option(None, "--which", help="best_teacher | primary_teacher | primary_student | teacher_ensemble"),
+    registry: Optional[str] = typer.Option(None, "--registry", "-r", help=REGISTRY_HELP),
+) -> None:
+    """Write the served network as one ONNX file (probabilities out), with its classes, palette and preprocessing."""
+    from seminar import export, storage
+    from seminar.predict import Segmenter
+    from serving.model_uri import resolve_model_uri
+
+    if fmt != "onnx":
+        fail(f"--format: only onnx is supported, got {fmt!r}")
+    if not out.endswith(".onnx"):
+        fail(f"--out: the file name must end in .onnx, got {out!r}")
+    try:
+        resolved = resolve_model_uri(model, registry)
+        segmenter = Segmenter.load(resolved.checkpoint, which)
+    except Exception as e:  # noqa: BLE001 - registry, storage and file errors alike
+        fail(f"cannot load model {model!r}: {' '.join(str(e).split())}")
+    if segmenter.runtime == "onnx":
+        fail(f"{model} is an exported graph already")
+    graph = export.export_onnx(segmenter.network.network, export.graph_metadata(segmenter.meta, segmenter.which))
+    try:
+        storage.write_bytes(out, graph)
+    except OSError as e:
+        fail(f"--out: cannot write {out}: {e}")
+    console.print(f"exported {segmenter.version} ({segmenter.which}) to {out} ({len(graph) / 2**20:.1f} MiB); "
+                  f"serve it: seminar serve {out}", soft_wrap=True)
 
 
 @models_app.command("show")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from . import checkpoint
+from . import checkpoint, export, storage
 from .config import TrainConfig
 from .data.transforms import model_input
 from .models import Ensemble, build_model
@@ -33,16 +35,21 @@ def _networks(served: str, num_students: int) -> tuple[list[int], str]:
     return [int(served.removeprefix("teacher_"))], "teacher"
 
 
+RUNTIMES = ("torch", "onnx")
+log = logging.getLogger(__name__)
+
+
 class Segmenter:
     """The served model: by default the teacher (or teachers' ensemble) that scored best on
     validation when the checkpoint was written (EMA weights generalise better); or the
-    primary student's teacher, the primary student, or the mean of all teachers."""
+    primary student's teacher, the primary student, or the mean of all teachers.
 
-    def __init__(self, models: list[nn.Module], meta: dict, which: str, device: str | torch.device = "cpu"):
-        self.models = [m.to(device).eval() for m in models]
-        self.network = self.models[0] if len(self.models) == 1 else Ensemble(self.models)
-        self.meta = meta
-        self.which = which
+    It runs on eager PyTorch or, as an exported graph, on ONNX Runtime (`seminar.export`);
+    either way `network` maps normalised images to class probabilities."""
+
+    def __init__(self, network: Callable[[torch.Tensor], torch.Tensor], meta: dict, which: str,
+                 device: str | torch.device = "cpu", runtime: str = "torch"):
+        self.network, self.meta, self.which, self.runtime = network, meta, which, runtime
         spec = TrainConfig.model_validate(meta["spec"])
         # The model's own preprocessing: the scale it was trained and validated at, the long
         # side bounded by the spec's serving.infer_size.
@@ -55,11 +62,21 @@ class Segmenter:
     @property
     def metadata(self) -> dict:
         return {k: self.meta[k] for k in ("version", "classes", "palette", "click_source", "metrics", "step",
-                                          "code_version", "created")} | {"which": self.which}
+                                          "code_version", "created")} | {"which": self.which, "runtime": self.runtime}
 
     @classmethod
-    def load(cls, uri: str, which: str | None = None, device: str | torch.device = "cpu") -> "Segmenter":
-        """A checkpoint directory, or a run directory (its latest checkpoint); local or s3://."""
+    def load(cls, uri: str, which: str | None = None, device: str | torch.device = "cpu",
+             runtime: str = "torch", threads: int | None = None) -> "Segmenter":
+        """A checkpoint directory, or a run directory (its latest checkpoint); local or s3://;
+        or a graph written by `seminar models export` (`.onnx`: runs on ONNX Runtime).
+
+        runtime `onnx` exports the network (cached by its weights) and runs it on ONNX
+        Runtime with `threads` intra-op threads; where that cannot be done (the export
+        fails, or no CUDA provider for device cuda) it says so in the log and runs eager."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if uri.endswith(".onnx"):
+            return cls._load_graph(uri, which, device, threads)
         uri = checkpoint.resolve(uri)
         meta = checkpoint.read_meta(uri)
         missing = [key for key in ("spec", "classes", "palette", "version") if key not in meta]
@@ -78,13 +95,31 @@ class Segmenter:
             spec = cfg.students[k]
             net = build_model(spec.model, len(meta["classes"]), spec.output_stride, decoder_channels=spec.decoder_channels)
             net.load_state_dict(checkpoint.read_weights(directory, k, network))
-            models.append(net)
-        return cls(models, meta, which, device)
+            models.append(net.eval())  # exported on the CPU, then moved
+        eager = models[0] if len(models) == 1 else Ensemble(models)
+        if runtime == "onnx":
+            try:
+                graph = export.cached_export(eager, export.graph_metadata(meta, which))
+                return cls(export.OnnxNetwork(graph, threads, str(device)), meta, which, device, "onnx")
+            except Exception as e:  # noqa: BLE001 - any exporter or runtime failure: eager still answers
+                log.warning("%s: serving eager PyTorch, the ONNX export failed: %s", uri, " ".join(str(e).split())[:300])
+        return cls(export.Probabilities(eager).to(device), meta, which, device)
+
+    @classmethod
+    def _load_graph(cls, uri: str, which: str | None, device: str | torch.device, threads: int | None) -> "Segmenter":
+        graph = storage.read_bytes(uri)
+        meta = export.read_metadata(graph, uri)
+        missing = [key for key in ("spec", "classes", "palette", "version", "served") if key not in meta]
+        if missing:
+            raise export.ExportError(f"{uri}: its '{export.METADATA_KEY}' metadata has no {', '.join(missing)}")
+        if which not in (None, "best_teacher", meta["served"]):
+            raise ValueError(f"{uri} holds one network ({meta['served']}), not {which}")
+        return cls(export.OnnxNetwork(graph, threads, str(device)), meta, meta["served"], device, "onnx")
 
     @torch.no_grad()
     def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] normalised images -> [B,C,H,W] class probabilities."""
-        return self.network(images.to(self.device)).softmax(1)
+        return self.network(images.to(self.device))
 
     def model_input(self, image: np.ndarray, max_long_side: int | None = None) -> torch.Tensor:
         """An original uint8 [H,W,3] RGB image as this model takes it: normalised [3,h,w]."""

@@ -102,7 +102,7 @@ class SegmentationService:
         torch.set_num_threads(cfg.torch_threads or len(os.sched_getaffinity(0)))
         self.ready = False
         resolved = resolve_model_uri(args.model, args.registry)
-        self.segmenter = Segmenter.load(resolved.checkpoint, args.which, cfg.device)
+        self.segmenter = Segmenter.load(resolved.checkpoint, args.which, cfg.device, cfg.runtime, cfg.torch_threads)
         self.resolved = resolved
         self.version = resolved.version
         self.untinted = tuple(i for i, name in enumerate(self.segmenter.classes) if name.lower() == "background")
@@ -208,6 +208,7 @@ class SegmentationService:
             "version": self.version,
             "checkpoint_version": self.segmenter.version,
             "which": self.segmenter.which,
+            "runtime": self.segmenter.runtime,  # onnx, or torch (asked for, or the fallback)
             "source": self.args.model,
             "classes": [{"id": i, "name": name, "color": list(colour)}
                         for i, (name, colour) in enumerate(zip(self.segmenter.classes, self.segmenter.palette))],

@@ -69,7 +69,8 @@ def serve_command(
         fail("--detach needs --address (a local Ray ends with this command)")
     try:  # fail here, with the user's words, rather than in a replica's log
         resolved = resolve_model_uri(model, registry)
-        Segmenter.load(resolved.checkpoint, which=which)  # the weights too: a refused file is named now
+        # the weights too: a refused file is named now (and the ONNX export is cached for the replicas)
+        Segmenter.load(resolved.checkpoint, which, runtime=cfg.runtime, threads=cfg.torch_threads)
     except Exception as e:  # noqa: BLE001 - registry, storage and file errors alike
         fail(f"cannot load model {model!r}: {' '.join(str(e).split())}")
 

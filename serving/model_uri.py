@@ -6,7 +6,8 @@ MODEL is any of
   - a run directory (its latest complete checkpoint, in-process or Ray layout);
   - a registry version `<registry-prefix>/<model>/<version>`, or `<registry-prefix>/<model>`
     for its latest version (local or `s3://`);
-  - `<model>` or `<model>/<version>` in the default registry ($SEMINAR_REGISTRY).
+  - `<model>` or `<model>/<version>` in the default registry ($SEMINAR_REGISTRY);
+  - a graph written by `seminar models export` (`*.onnx`, local or `s3://`).
 
 Registry versions go through `seminar.registry.resolve_model`, which verifies checksums and
 caches S3 downloads.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seminar.registry import resolve_model
-from seminar import checkpoint, storage
+from seminar import checkpoint, export, storage
 
 REGISTRY_METADATA = "metadata.json"  # present in a registry version, next to meta.json
 
@@ -33,6 +34,9 @@ class ResolvedModel:
 
 
 def resolve_model_uri(uri: str, registry: str | None = None) -> ResolvedModel:
+    if uri.endswith(".onnx"):  # a graph from `seminar models export`: everything is inside
+        meta = export.read_metadata(storage.read_bytes(uri), uri)
+        return ResolvedModel(uri, uri, str(meta.get("version")))
     if not storage.exists(f"{uri.rstrip('/')}/{REGISTRY_METADATA}"):
         try:  # a checkpoint, or a run directory (its latest checkpoint)
             found = checkpoint.resolve(uri)

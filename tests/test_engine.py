@@ -108,7 +108,7 @@ def test_segmenter_loads_a_checkpoint_and_segments(tmp_path):
         label, conf = seg.segment(np.zeros((37, 45, 3), np.uint8))
         assert label.shape == (37, 45) and label.dtype == np.uint8 and label.max() < len(seg.classes)
         assert conf.shape == (37, 45) and 0 < conf.min() <= conf.max() <= 1
-    assert len(Segmenter.load(result.checkpoint, which="teacher_ensemble").models) == 2
+    assert len(Segmenter.load(result.checkpoint, which="teacher_ensemble").network.network.networks) == 2
     # a second start with the same run name resumes from its last checkpoint
     again = run_in_process(cfg.model_copy(update={"storage": cfg.storage.model_copy(
         update={"run_name": result.run_name})}))

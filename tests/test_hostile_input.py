@@ -172,6 +172,25 @@ def test_broken_checkpoints_are_named_errors(tmp_path, monkeypatch):
         shutil.copytree(good, d)
         edit(d)
         cases[name] = d
+    # exported graphs (`seminar models export`): not ONNX, cut short, not ours, metadata not JSON
+    import onnx
+    from onnx import TensorProto, helper
+
+    def graph(metadata: dict[str, str] | None) -> bytes:
+        tensor = helper.make_tensor_value_info
+        model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["image"], ["probs"])], "g",
+                                                    [tensor("image", TensorProto.FLOAT, None)],
+                                                    [tensor("probs", TensorProto.FLOAT, None)]))
+        onnx.helper.set_model_props(model, metadata or {})
+        return model.SerializeToString()
+
+    for name, data in {"onnx_random": np.random.default_rng(1).bytes(4096),
+                       "onnx_truncated": graph({"seminar": json.dumps({"version": "x" * 200})})[:60],
+                       "onnx_not_ours": graph(None),
+                       "onnx_metadata_not_json": graph({"seminar": "{not json"}),
+                       "onnx_metadata_incomplete": graph({"seminar": json.dumps({"version": "v"})})}.items():
+        cases[name] = tmp_path / f"{name}.onnx"
+        cases[name].write_bytes(data)
     import ray
 
     def no_ray(*args, **kwargs):

@@ -61,7 +61,7 @@ def segmenter(registry_model):
     from seminar.predict import Segmenter
 
     torch.set_num_threads(1)  # as in the replica: same kernels, same sums
-    return Segmenter.load(str(registry_model[1]))
+    return Segmenter.load(str(registry_model[1]), runtime="onnx", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_model_health_and_readiness(server, segmenter):
     assert model["version"] == "shapes/1" and model["checkpoint_version"] == "serving-test@0"
     assert [c["name"] for c in model["classes"]] == segmenter.classes
     assert model["palette"] == [list(c) for c in segmenter.palette]
-    assert model["click_source"] == "simulated" and model["which"] == "teacher_0"
+    assert model["click_source"] == "simulated" and model["which"] == "teacher_0" and model["runtime"] == "onnx"
     assert model["metrics"]["val/miou"] == 0.25 and model["metrics"]["val/iou/0"] is None  # NaN -> null
     assert model["registry"]["model"] == "shapes" and model["registry"]["version"] == 1
     assert model["inference"]["infer_size"] == INFER_SIZE

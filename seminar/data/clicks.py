@@ -376,6 +376,7 @@ def simulate_clicks(
     ignore_index: int = IGNORE_INDEX,
     classes: Iterable[int] | None = None,
     radius: int = 0,
+    per_class: int | None = None,
 ) -> np.ndarray:
     """One click per connected component per class with at least `min_area` pixels.
 
@@ -385,6 +386,8 @@ def simulate_clicks(
     whole disk of `radius` drawn around it lies on its own class. A component too thin for
     that disk gets **no** click (a disk poking into the neighbours teaches the wrong class
     more than a missing click costs: a third of CamVid's click pixels were off-class before).
+    `per_class` is a click budget: only the largest `per_class` components of each class
+    get their click, as an annotator clicks the biggest instance first.
     `classes` restricts to some classes (VOC: background only). Deterministic for a seed.
     Returns float32 [N, 3] (x, y, cls) at pixel centres.
     """
@@ -397,6 +400,7 @@ def simulate_clicks(
             continue
         labels, count = ndimage.label(mask == c, structure=_EIGHT_NEIGHBOURS)
         areas = np.bincount(labels.ravel(), minlength=count + 1)
+        of_class = []
         for component, box in enumerate(ndimage.find_objects(labels), start=1):
             if areas[component] < min_area:
                 continue
@@ -408,5 +412,8 @@ def simulate_clicks(
                 continue
             rows, cols = np.nonzero(distance >= max(0.5 * distance.max(), radius + 1))
             pick = rng.integers(len(rows))
-            clicks.append((box[1].start + cols[pick], box[0].start + rows[pick], c))
+            of_class.append((areas[component], (box[1].start + cols[pick], box[0].start + rows[pick], c)))
+        if per_class is not None:  # stable: equal areas keep their component order
+            of_class = sorted(of_class, key=lambda item: -item[0])[:per_class]
+        clicks.extend(click for _, click in of_class)
     return np.asarray(clicks, np.float32).reshape(-1, 3)

@@ -316,7 +316,7 @@ class SyntheticDataset(SegmentationDataset):
         # Train and val draw from different streams (role is part of the seed).
         self.split_code = 0 if role == "train" else 1
         self.seed, self.click_seed, self.min_area = syn.seed, cfg.click_seed, cfg.simulated_min_area
-        self.click_radius = cfg.click_radius
+        self.click_radius, self.clicks_per_class = cfg.click_radius, cfg.simulated_clicks_per_class
         self.image_ids = [f"{role}_{i:05d}" for i in range(count)][:limit]
         self.load_scale = cfg.load_scale
         self.click_fit = ClickFit()
@@ -327,7 +327,7 @@ class SyntheticDataset(SegmentationDataset):
         image, mask = render_synthetic(np.random.default_rng([self.seed, self.split_code, i]), self.size, self.num_classes)
         image_id = self.image_ids[i]
         clicks = simulate_clicks(mask, self.num_classes, self.min_area, [self.click_seed, _seed_of(image_id)],
-                                 radius=self.click_radius)
+                                 radius=self.click_radius, per_class=self.clicks_per_class)
         return Sample(image_id, image, mask, clicks)
 
 
@@ -352,6 +352,7 @@ class VOCDataset(SegmentationDataset):
         _first_missing(self.image_paths, "image")
         self.mask_paths = [self._find_mask(root, cfg.sbd_root, i) for i in self.image_ids]
         self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
+        self.clicks_per_class = cfg.simulated_clicks_per_class
         self.num_classes = len(VOC_CLASSES)
         sizes = image_sizes(self.image_ids, self.image_paths)
         if len(self.image_ids) <= CHECK_LIMIT:
@@ -397,11 +398,12 @@ class VOCDataset(SegmentationDataset):
         if self.simulate_all:
             clicks = np.zeros((0, 3), np.float32)
             if mask is not None:
-                clicks = simulate_clicks(mask, self.num_classes, self.min_area, seed)
+                clicks = simulate_clicks(mask, self.num_classes, self.min_area, seed, per_class=self.clicks_per_class)
         else:
             clicks = self.clicks[image_id]
             if self.simulate_background and mask is not None:
-                background = simulate_clicks(mask, self.num_classes, self.min_area, seed, classes=[0])
+                background = simulate_clicks(mask, self.num_classes, self.min_area, seed, classes=[0],
+                                             per_class=self.clicks_per_class)
                 clicks = np.concatenate([clicks, background])
         return Sample(image_id, image, mask, clicks)
 
@@ -444,7 +446,7 @@ class CamVidDataset(SegmentationDataset):
         _first_missing(self.mask_paths, "mask")
         self.image_ids = [p.stem for p in self.image_paths]
         self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
-        self.click_radius = cfg.click_radius
+        self.click_radius, self.clicks_per_class = cfg.click_radius, cfg.simulated_clicks_per_class
         self.click_fit = ClickFit()
         self.info = DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE, "simulated")
         self._clicks: dict[int, np.ndarray] = {}
@@ -470,7 +472,8 @@ class CamVidDataset(SegmentationDataset):
         sample = rescale(sample, self.load_scale)
         if i not in self._clicks:  # simulating costs more than decoding: once per image and process
             self._clicks[i] = simulate_clicks(sample.mask, len(CAMVID_CLASSES), self.min_area,
-                                              [self.click_seed, _seed_of(sample.image_id)], radius=self.click_radius)
+                                              [self.click_seed, _seed_of(sample.image_id)], radius=self.click_radius,
+                                              per_class=self.clicks_per_class)
         return replace(sample, clicks=self._clicks[i])
 
 
