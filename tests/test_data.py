@@ -263,6 +263,12 @@ def test_simulated_clicks_one_per_component_inside_and_deterministic():
     assert 9 <= x <= 15 and 9 <= y <= 15
     assert np.array_equal(clicks, simulate_clicks(mask, 3, 16, seed=5))
     assert len(simulate_clicks(mask, 3, 16, seed=5, classes=[0])) == 1
+    # a click budget of one per class: the larger square (15x28) keeps its click, the other not
+    budget = simulate_clicks(mask, 3, 16, seed=5, per_class=1)
+    assert sorted(budget[:, 2].tolist()) == [0, 1, 2]
+    x, y, _ = budget[budget[:, 2] == 1][0]
+    assert 40 <= y < 55 and 30 <= x < 58
+    assert all(any(np.array_equal(b, c) for c in clicks) for b in budget)  # the same clicks, fewer
 
     # radius: the whole disk lies on the component; too thin for it: no click
     thin = np.zeros((40, 40), np.uint8)
