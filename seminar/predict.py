@@ -84,8 +84,9 @@ class Segmenter:
             raise checkpoint.CheckpointError(f"{uri}: {checkpoint.META} has no {', '.join(missing)}")
         cfg = TrainConfig.model_validate(meta["spec"])
         which = which or cfg.method.inference
-        if which not in WHICH:
-            raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+        teachers = [f"teacher_{k}" for k in range(cfg.num_students)]
+        if which not in (*WHICH, *teachers):
+            raise ValueError(f"which must be one of {', '.join((*WHICH, *teachers))}; got {which!r}")
         which = resolve_which(which, meta)
         ks, network = _networks(which, cfg.num_students)
         # Only the weights that answer (from S3, the optimizer state and the other students stay there).

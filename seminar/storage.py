@@ -50,6 +50,19 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def list_files(uri: str) -> list[str]:
+    """The names of the files directly in a directory or under an s3:// prefix, sorted."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such directory")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.File)
+
+
+def join(uri: str, name: str) -> str:
+    return f"{str(uri).rstrip('/')}/{name}"
+
+
 def upload_dir(local: str | Path, uri: str) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(path, recursive=True)
@@ -89,10 +102,15 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file (an S3 object cannot be appended to: callers rewrite it)."""
+    """Write a whole file, all or nothing: locally through a temporary file and a rename, on S3
+    as one object (which cannot be appended to: callers rewrite it)."""
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(f"{path}.{secrets.token_hex(4)}.partial")
+        partial.write_bytes(data)
+        partial.replace(path)
+        return
     with fs.open_output_stream(path) as f:
         f.write(data)
 

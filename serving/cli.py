@@ -1,4 +1,5 @@
-"""`seminar serve MODEL`: host a trained model over HTTP with Ray Serve.
+"""`seminar serve MODEL`: host a trained model over HTTP with Ray Serve; `seminar predict`:
+segment a folder (serving.predict_folder), without Ray.
 
     seminar serve runs/<run>/checkpoints/step_0000300            # a checkpoint directory
     seminar serve s3://bucket/runs/<run>/checkpoints/step_0000300
@@ -26,6 +27,49 @@ console = Console()
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
+    app.command("predict")(predict_command)
+
+
+def predict_command(
+    model: str = typer.Argument(..., help="checkpoint or run dir, registry name, or exported .onnx, as `seminar serve` takes"),
+    input_uri: str = typer.Argument(..., metavar="INPUT", help="a folder or s3:// prefix of .jpg/.png images"),
+    out: str = typer.Option(..., "--out", "-o", help="where the label maps and predictions.parquet go (folder or s3://)"),
+    which: Optional[str] = typer.Option(None, help="the network whose labels are written (default: the spec's)"),
+    registry: Optional[str] = typer.Option(None, help="registry for bare model names"),
+    runtime: str = typer.Option("onnx", help="onnx | torch"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, max=256, help="images per forward"),
+    suggest: int = typer.Option(5, "--suggest", min=0, max=1000, help="suggested clicks per image (where the teachers disagree)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="intra-op threads (default: all cores)"),
+) -> None:
+    """Segment a folder of images: a label map per image and one table, with where to click next. Resumable."""
+    from tqdm import tqdm
+
+    from serving.model_uri import resolve_model_uri
+    from serving.predict_folder import Committee, PredictError, input_images, predict_folder
+
+    if runtime not in ("onnx", "torch"):
+        fail(f"--runtime: onnx or torch, got {runtime!r}")
+    try:
+        input_images(input_uri)  # an empty or missing folder is named before the model loads
+        resolved = resolve_model_uri(model, registry)
+        committee = Committee.load(resolved.checkpoint, which, runtime, threads)
+    except PredictError as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - registry, storage and file errors alike
+        fail(f"cannot load model {model!r}: {' '.join(str(e).split())}")
+    with tqdm(desc="predict", unit="image", dynamic_ncols=True) as bar:
+        try:
+            summary = predict_folder(committee, input_uri, out, batch_size, suggest, progress=bar)
+        except PredictError as e:
+            fail(str(e))
+    for line in summary["failed"]:
+        console.print(f"[yellow]skipped[/] {line}", soft_wrap=True)
+    why = (f"suggested clicks where its {summary['committee']} teachers disagree" if summary["committee"]
+           else "no committee (one network): no disagreement, no suggested clicks")
+    console.print(f"{summary['written']} label maps written, {summary['skipped']} already done, "
+                  f"{len(summary['failed'])} unreadable; table {summary['table']} ({why})", soft_wrap=True)
+    if summary["failed"]:
+        raise typer.Exit(1)
 
 
 def serving_config(config: Optional[Path], overrides: list[str], **explicit):
