@@ -288,8 +288,8 @@ class ServingConfig(Strict):
     max_slow_uploads: int = Field(8, ge=1, description="bodies still arriving after a second, per replica; past "
                                   "this, new requests get 503 with Retry-After instead of waiting behind slow senders")
     runtime: Literal["onnx", "torch"] = Field(
-        "onnx", description="onnx: the network exported and run on ONNX Runtime (2.7x faster than eager on "
-                            "CPU, bench/serve.py); torch: eager PyTorch (also the fallback if the export fails)")
+        "onnx", description="onnx: the network exported and run on ONNX Runtime (on 2 CPU cores 1.3x faster "
+                            "than eager at batch 1, 1.8x batched: docs/performance.md); torch: eager PyTorch (also the fallback if the export fails)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica, of either runtime "
                                                              "(None = all cores)")
     num_cpus: float = Field(1, ge=0, description="logical CPUs a replica reserves")
