@@ -290,6 +290,9 @@ class ServingConfig(Strict):
     runtime: Literal["onnx", "torch"] = Field(
         "onnx", description="onnx: the network exported and run on ONNX Runtime (on 2 CPU cores 1.3x faster "
                             "than eager at batch 1, 1.8x batched: docs/performance.md); torch: eager PyTorch (also the fallback if the export fails)")
+    suggest_clicks: int = Field(0, ge=0, le=100, description="where to click next: this many suggested clicks per "
+                                "answer where the students' teachers disagree (> 0 runs every teacher; free when "
+                                "teacher_ensemble is served, else one forward per teacher)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica, of either runtime "
                                                              "(None = all cores)")
     num_cpus: float = Field(1, ge=0, description="logical CPUs a replica reserves")

@@ -8,6 +8,8 @@ A replica loads the checkpoint, runs one warm-up forward, and then answers
     GET  /                                     a page to try it in a browser
 
 Every answer carries `X-Model-Version`; segmentations also `X-Classes-Present` (class ids),
+with `serving.suggest_clicks` > 0 `X-Disagreement` (the teachers' mean disagreement) and
+`X-Suggested-Clicks` (`x,y;x,y;...`, where to click next: serving.committee),
 `X-Batch-Size` (images in the forward it shared) and `Server-Timing` (decode, queue,
 forward, encode). Refused inputs get 4xx with a JSON body `{"error": <code>, "detail":
 <reason>}` (see `serving.imaging`); an overloaded deployment answers 503 with
@@ -50,6 +52,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from seminar.config import ServingConfig
 from seminar.predict import Segmenter
 from serving.batching import PixelBudget, QueuedImage, batch_cost, predict_batch, restore_size
+from serving.committee import Committee, suggested_clicks
 from serving.imaging import (
     RLE_CONVENTION,
     InputError,
@@ -89,6 +92,7 @@ class Inferred:
     """One image's share of a batched forward."""
 
     probs: torch.Tensor  # [C, h, w] at inference size
+    disagreement: torch.Tensor | None  # [h, w] of the teachers (serving.suggest_clicks), else None
     batch_size: int  # images in the forward it was part of
     forward_s: float  # that forward's duration
 
@@ -102,7 +106,12 @@ class SegmentationService:
         torch.set_num_threads(cfg.torch_threads or len(os.sched_getaffinity(0)))
         self.ready = False
         resolved = resolve_model_uri(args.model, args.registry)
-        self.segmenter = Segmenter.load(resolved.checkpoint, args.which, cfg.device, cfg.runtime, cfg.torch_threads)
+        if cfg.suggest_clicks:  # every teacher, for their disagreement (serving.committee)
+            self.committee = Committee.load(resolved.checkpoint, args.which, cfg.runtime, cfg.torch_threads, cfg.device)
+            self.segmenter = self.committee.served
+        else:
+            self.committee = None
+            self.segmenter = Segmenter.load(resolved.checkpoint, args.which, cfg.device, cfg.runtime, cfg.torch_threads)
         self.resolved = resolved
         self.version = resolved.version
         self.untinted = tuple(i for i, name in enumerate(self.segmenter.classes) if name.lower() == "background")
@@ -118,7 +127,7 @@ class SegmentationService:
         self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         # Warm-up: the first forward allocates and picks kernels; pay for it before /readyz says yes.
         warm = torch.zeros(3, cfg.infer_size, cfg.infer_size * 3 // 4)
-        self.forward_thread.submit(predict_batch, self.segmenter.predict_probs, [warm]).result()
+        self.forward_thread.submit(self._run, [warm]).result()
         self.ready = True
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -144,9 +153,15 @@ class SegmentationService:
         height, width = max(i.height for i in images), max(i.width for i in images)
         self.metrics.batch(len(images), len(images) * height * width)
         start = time.perf_counter()
-        probs = predict_batch(self.segmenter.predict_probs, [i.tensor for i in images])
+        answers = self._run([i.tensor for i in images])
         forward_s = time.perf_counter() - start
-        return [Inferred(p, len(images), forward_s) for p in probs]
+        return [Inferred(p, d, len(images), forward_s) for p, d in answers]
+
+    def _run(self, tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per image: the served network's probabilities and the teachers' disagreement (or None)."""
+        if self.committee:
+            return self.committee(tensors)
+        return [(p, None) for p in predict_batch(self.segmenter.predict_probs, tensors)]
 
     # ---- one request -----------------------------------------------------------------
 
@@ -155,14 +170,24 @@ class SegmentationService:
         self.metrics.image(image.shape[1], image.shape[0])
         return image, self.segmenter.model_input(image, self.cfg.infer_size)
 
-    def _answer(self, image: np.ndarray, probs: torch.Tensor, fmt: OutputFormat, alpha: float) -> Response:
-        labels, confidence = restore_size(probs, *image.shape[:2])
+    def _answer(self, image: np.ndarray, inferred: Inferred, fmt: OutputFormat, alpha: float) -> Response:
+        labels, confidence = restore_size(inferred.probs, *image.shape[:2])
         present = ",".join(str(c) for c in np.flatnonzero(np.bincount(labels.ravel())))
         headers = {"X-Classes-Present": present}
+        suggestions = None
+        if inferred.disagreement is not None:
+            height, width = image.shape[:2]
+            disagreement = inferred.disagreement.numpy()
+            suggestions = suggested_clicks(disagreement, self.cfg.suggest_clicks, width, height)
+            # every format carries them, so that the page draws them over its overlay
+            headers["X-Disagreement"] = f"{float(disagreement.mean()):.4f}"
+            headers["X-Suggested-Clicks"] = ";".join(f"{c['x']},{c['y']}" for c in suggestions)
         classes, palette = self.segmenter.classes, self.segmenter.palette
         if fmt == "json":
-            return JSONResponse(segmentation_json(labels, confidence, classes, palette, self.version),
-                                headers=headers)
+            answer = segmentation_json(labels, confidence, classes, palette, self.version)
+            if suggestions is not None:
+                answer.update(disagreement=float(inferred.disagreement.mean()), suggested_clicks=suggestions)
+            return JSONResponse(answer, headers=headers)
         if fmt == "overlay":
             body = overlay_png(image, labels, palette, alpha, self.untinted)
         else:
@@ -190,7 +215,7 @@ class SegmentationService:
         inferred = await self.infer(QueuedImage(tensor, self.budget))
         answered = time.perf_counter()
         alpha = self.cfg.overlay_alpha if alpha is None else alpha
-        response = await asyncio.to_thread(self._answer, image, inferred.probs, fmt, alpha)
+        response = await asyncio.to_thread(self._answer, image, inferred, fmt, alpha)
         # Where the time went, for clients and browser dev tools (W3C Server-Timing).
         queued_s = answered - decoded - inferred.forward_s
         response.headers["Server-Timing"] = ", ".join([
@@ -221,7 +246,8 @@ class SegmentationService:
             "registry": {k: self.resolved.registry_metadata.get(k) for k in ("model", "version", "created")}
             if self.resolved.registry_metadata else None,
             "inference": {"infer_size": self.cfg.infer_size, "max_batch_size": self.cfg.max_batch_size,
-                          "batch_pixel_budget": self.cfg.batch_pixel_budget, "device": self.cfg.device},
+                          "batch_pixel_budget": self.cfg.batch_pixel_budget, "device": self.cfg.device,
+                          "suggest_clicks": self.cfg.suggest_clicks if self.committee else 0},
             "limits": {"max_bytes": self.cfg.max_bytes, "max_pixels": self.cfg.max_pixels,
                        "content_types": ["image/jpeg", "image/png"]},
             "formats": ["png", "json", "overlay"],

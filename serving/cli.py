@@ -45,7 +45,8 @@ def predict_command(
     from tqdm import tqdm
 
     from serving.model_uri import resolve_model_uri
-    from serving.predict_folder import Committee, PredictError, input_images, predict_folder
+    from serving.committee import Committee
+    from serving.predict_folder import PredictError, input_images, predict_folder
 
     if runtime not in ("onnx", "torch"):
         fail(f"--runtime: onnx or torch, got {runtime!r}")

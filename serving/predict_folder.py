@@ -7,15 +7,9 @@ For every JPEG or PNG directly in INPUT (a folder or an s3:// prefix) it writes
 `OUTPUT/<stem>.png`, a palette PNG whose pixel values are class ids, and at the end one table
 for the run, `OUTPUT/predictions.parquet` (a row per image, columns in `TABLE_SCHEMA`).
 
-Where to click next: the students' teachers (a checkpoint holds them all) each segment the
-image; where they disagree is where a click teaches most. Per pixel the disagreement is the
-Jensen-Shannon divergence of the teachers' class probabilities (the mutual information
-between a teacher's vote and the class), divided by its ceiling log K: 0 where they agree,
-1 where each is sure of a different class. The image's score is its mean, and the suggested
-clicks are the most interior points of the largest disagreeing regions (pixels above
-`DISAGREE_LEVEL`), ranked by their summed disagreement. The label map itself is the served
-network's (the checkpoint's best teacher, or the ensemble); a one-student model, or an
-exported graph (one network), has no committee: no disagreement, no suggestions.
+Where to click next (`serving.committee`): the students' teachers each segment the image, and
+where they disagree is where a click teaches most; the table has each image's mean
+disagreement and its suggested clicks. The label map itself is the served network's.
 
 Resumable: each label map carries its table row (a PNG text chunk), written at once, so a run
 that stops is restarted with the same command and skips the images already done.
@@ -25,27 +19,22 @@ from __future__ import annotations
 
 import io
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image, PngImagePlugin
-from scipy import ndimage
 
 from seminar import storage
 from seminar.predict import Segmenter
-from serving.batching import predict_batch, restore_size
+from serving.batching import restore_size
+from serving.committee import Committee, suggested_clicks
 from serving.imaging import InputError, decode_image, label_png
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TABLE = "predictions.parquet"
 ROW_CHUNK = "seminar-row"  # the PNG text chunk holding the image's table row
-DISAGREE_LEVEL = 0.2  # a pixel disagrees above this share of the divergence ceiling
-MIN_REGION = 16  # pixels (at inference size): smaller disagreeing specks get no suggestion
 
 CLASS_TYPE = pa.struct([("id", pa.int32()), ("name", pa.string()), ("share", pa.float32()),
                         ("confidence", pa.float32())])
@@ -66,78 +55,14 @@ class PredictError(ValueError):
     pass
 
 
-def disagreement_map(member_probs: list[torch.Tensor]) -> torch.Tensor:
-    """K teachers' [C, H, W] probabilities -> [H, W] Jensen-Shannon divergence / log K, in [0, 1]."""
-    stack = torch.stack(member_probs).clamp_min(1e-8)
-    mean = stack.mean(0)
-    entropy_of_mean = -(mean * mean.log()).sum(0)
-    mean_entropy = -(stack * stack.log()).sum(1).mean(0)
-    return ((entropy_of_mean - mean_entropy) / math.log(len(member_probs))).clamp(0, 1)
-
-
-def suggest_clicks(disagreement: np.ndarray, count: int) -> list[tuple[int, int, float]]:
-    """(x, y, score) at the most interior pixel of each of the `count` disagreeing regions
-    with the largest summed disagreement."""
-    if count <= 0:
-        return []
-    regions, n = ndimage.label(disagreement > DISAGREE_LEVEL)
-    if n == 0:
-        return []
-    sums = ndimage.sum_labels(disagreement, regions, index=np.arange(1, n + 1))
-    areas = np.bincount(regions.ravel(), minlength=n + 1)[1:]
-    ranked = [r for r in np.argsort(-sums) if areas[r] >= MIN_REGION][:count]
-    clicks = []
-    for r in ranked:
-        distance = ndimage.distance_transform_edt(np.pad(regions == r + 1, 1))[1:-1, 1:-1]
-        y, x = np.unravel_index(np.argmax(distance), distance.shape)
-        clicks.append((int(x), int(y), float(sums[r])))
-    return clicks
-
-
-@dataclass
-class Committee:
-    """The served network and, for models with several students, each student's teacher."""
-
-    served: Segmenter
-    members: list[Segmenter]
-
-    @classmethod
-    def load(cls, uri: str, which: str | None, runtime: str, threads: int | None) -> "Committee":
-        served = Segmenter.load(uri, which, runtime=runtime, threads=threads)
-        if served.runtime == "onnx" and uri.endswith(".onnx"):
-            return cls(served, [])  # an exported graph holds one network
-        num_students = len(served.meta["spec"]["students"])
-        members = [Segmenter.load(uri, f"teacher_{k}", runtime=runtime, threads=threads)
-                   for k in range(num_students)] if num_students > 1 else []
-        return cls(served, members)
-
-    def __call__(self, tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per image: (the served network's probabilities, the disagreement map or None)."""
-        members = [predict_batch(m.predict_probs, tensors) for m in self.members]
-        by_member = {m.which: probs for m, probs in zip(self.members, members)}
-        if self.served.which in by_member:  # no second forward for a network already run
-            served = by_member[self.served.which]
-        elif self.served.which == "teacher_ensemble" and members:
-            served = [torch.stack(per_image).mean(0) for per_image in zip(*members)]
-        else:
-            served = predict_batch(self.served.predict_probs, tensors)
-        maps = [disagreement_map(list(per_image)) for per_image in zip(*members)] if members else [None] * len(tensors)
-        return list(zip(served, maps))
-
-
 def image_row(name: str, label_map: str, labels: np.ndarray, confidence: np.ndarray,
-              disagreement: np.ndarray | None, scale: tuple[float, float], segmenter: Segmenter,
-              suggestions: int) -> dict:
+              disagreement: np.ndarray | None, segmenter: Segmenter, suggestions: int) -> dict:
     height, width = labels.shape
     counts = np.bincount(labels.ravel(), minlength=len(segmenter.classes))
     sums = np.bincount(labels.ravel(), weights=confidence.ravel(), minlength=len(segmenter.classes))
     classes = [{"id": c, "name": segmenter.classes[c], "share": float(counts[c] / labels.size),
                 "confidence": float(sums[c] / counts[c])} for c in np.flatnonzero(counts).tolist()]
-    clicks = []
-    if disagreement is not None:  # found at inference size, reported in original pixels
-        sx, sy = scale
-        clicks = [{"x": min(width - 1, int((x + 0.5) * sx)), "y": min(height - 1, int((y + 0.5) * sy)), "score": s}
-                  for x, y, s in suggest_clicks(disagreement, suggestions)]
+    clicks = [] if disagreement is None else suggested_clicks(disagreement, suggestions, width, height)
     return {"image": name, "label_map": label_map, "width": width, "height": height,
             "model_version": segmenter.version, "which": segmenter.which, "classes": classes,
             "mean_confidence": float(confidence.mean()),
@@ -211,13 +136,12 @@ def predict_folder(committee: Committee, input_uri: str, output_uri: str, batch_
             tensors.append(segmenter.model_input(image))
         if not tensors:
             continue
-        for name, image, tensor, (probs, disagreement) in zip(batch, images, tensors, committee(tensors)):
+        for name, image, (probs, disagreement) in zip(batch, images, committee(tensors)):
             height, width = image.shape[:2]
             labels, confidence = restore_size(probs, height, width)
-            scale = (width / tensor.shape[-1], height / tensor.shape[-2])
             label_map = f"{Path(name).stem}.png"
             row = image_row(name, label_map, labels, confidence,
-                            None if disagreement is None else disagreement.numpy(), scale, segmenter, suggestions)
+                            None if disagreement is None else disagreement.numpy(), segmenter, suggestions)
             storage.write_bytes(storage.join(output_uri, label_map), png_with_row(labels, segmenter.palette, row))
             rows[name] = row
         if progress is not None:

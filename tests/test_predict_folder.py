@@ -16,14 +16,8 @@ from typer.testing import CliRunner
 
 from jobs.main import app
 from seminar import storage
-from serving.predict_folder import (
-    DISAGREE_LEVEL,
-    TABLE,
-    Committee,
-    disagreement_map,
-    predict_folder,
-    suggest_clicks,
-)
+from serving.committee import DISAGREE_LEVEL, Committee, disagreement_map, suggest_clicks
+from serving.predict_folder import TABLE, predict_folder
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = sorted((DATA / "voc_tiny" / "JPEGImages").glob("*.jpg"))

@@ -86,6 +86,49 @@ def server(ray_session, registry_model):
         serve.shutdown()
 
 
+@pytest.fixture(scope="module")
+def committee_server(server, tmp_path_factory):
+    """A second app on the same Serve: two students whose teachers are each sure of a different
+    class (1 and 2, by their classifier biases), serving.suggest_clicks=3."""
+    import torch
+    from ray import serve
+
+    from seminar.config import ServingConfig, load_spec
+    from seminar.engine import write_initial_checkpoint
+    from serving.app import ServeArgs, build_app
+
+    students = ", ".join(f"{{model: deeplabv3plus_mobilenetv2, decoder_channels: 32, seed: {k}}}" for k in (0, 1))
+    cfg = load_spec(None, ["storage.run_name=committee-test", f"students=[{students}]", "data.synthetic.image_size=64"])
+    checkpoint = write_initial_checkpoint(str(tmp_path_factory.mktemp("committee") / "checkpoint"), cfg)
+    for k in (0, 1):
+        path = Path(checkpoint) / f"student_{k}" / "teacher.pt"
+        weights = torch.load(path, weights_only=True)
+        weights["classifier.bias"][k + 1] += 10.0
+        torch.save(weights, path)
+    serving = ServingConfig(infer_size=INFER_SIZE, num_replicas=1, torch_threads=1, suggest_clicks=3,
+                            batch_pixel_budget=8 * 64 * 64)
+    serve.run(build_app(ServeArgs(model=checkpoint, which="teacher_ensemble", serving=serving)),
+              name="committee-test", route_prefix="/committee")
+    yield f"{server}/committee"
+    serve.delete("committee-test")
+
+
+def test_committee_answers_say_where_to_click(committee_server):
+    image = encode(synthetic_image(21, height=48, width=64))
+    answer = post_image(committee_server, image, fmt="json")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    # the teachers are sure of different classes everywhere: one region, the whole image
+    assert body["disagreement"] > 0.99 and float(answer.headers["X-Disagreement"]) > 0.99
+    (click,) = body["suggested_clicks"]
+    assert abs(click["x"] - 32) <= 2 and abs(click["y"] - 24) <= 2  # its most interior point
+    assert answer.headers["X-Suggested-Clicks"] == f"{click['x']},{click['y']}"
+    png = post_image(committee_server, image)
+    assert png.status_code == 200 and png.headers["X-Suggested-Clicks"] == answer.headers["X-Suggested-Clicks"]
+    model = requests.get(f"{committee_server}/v1/model", timeout=30).json()
+    assert model["which"] == "teacher_ensemble" and model["inference"]["suggest_clicks"] == 3
+
+
 def post_image(server: str, data: bytes, fmt: str = "png", content_type: str = "image/png", **params):
     return requests.post(f"{server}/v1/segment", params={"format": fmt, **params}, data=data,
                          headers={"Content-Type": content_type}, timeout=60)
@@ -460,7 +503,9 @@ def chromium(tmp_path):
         process.wait(timeout=30)
 
 
-def test_web_page_segments_a_dropped_image(server, chromium, tmp_path):
+@pytest.mark.parametrize("app", ["server", "committee_server"])
+def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
+    server = request.getfixturevalue(app)
     targets = []
     deadline = time.time() + 30
     while not targets and time.time() < deadline:
@@ -469,7 +514,7 @@ def test_web_page_segments_a_dropped_image(server, chromium, tmp_path):
         time.sleep(0.2)
     page = DevTools(targets[0]["webSocketDebuggerUrl"])
     page.call("Page.enable")
-    page.call("Page.navigate", url=f"{server}/")
+    page.call("Page.navigate", url=f"{server}/")  # the trailing slash: the page's base
     page.wait_event("Page.loadEventFired")
     assert page.evaluate("document.title") == "Seminar segmentation"
 
@@ -487,10 +532,16 @@ def test_web_page_segments_a_dropped_image(server, chromium, tmp_path):
     assert page.evaluate("document.getElementById('overlay').naturalWidth") == 320
     legend = page.evaluate("[...document.querySelectorAll('#legend li')].map(li => li.textContent)")
     assert legend and set(legend) <= {"background (not painted)", "disk_1", "square_2", "triangle_3"}
-    assert "shapes/1" in page.evaluate("document.getElementById('model').textContent")
+    dots = page.evaluate("document.querySelectorAll('.suggestion').length")
+    if app == "committee_server":  # where to click next, drawn over the overlay
+        assert dots == 1 and "1 suggested clicks" in status
+        assert "committee-test@0" in page.evaluate("document.getElementById('model').textContent")
+    else:
+        assert dots == 0 and "suggested" not in status
+        assert "shapes/1" in page.evaluate("document.getElementById('model').textContent")
 
     shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
-    screenshot = Path(os.environ.get("SEMINAR_SCREENSHOT_DIR", tmp_path)) / "serving-web-page.png"
+    screenshot = Path(os.environ.get("SEMINAR_SCREENSHOT_DIR", tmp_path)) / f"serving-web-page-{app}.png"
     screenshot.write_bytes(shot)
     assert Image.open(screenshot).size[0] > 0
     print(f"screenshot: {screenshot}")
