@@ -90,7 +90,8 @@ def train_fn_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker > 0 else torch.device("cpu")
     if world_size == 1:
         # One process (ScalingConfig(num_workers=0), or a one-worker run): all students here.
-        worker = WorkerContext(students=list(range(num_students)), device=device, attempt=attempt)
+        worker = WorkerContext(students=list(range(num_students)), device=device, attempt=attempt,
+                               precision=cfg.resources.precision, channels_last=cfg.resources.channels_last)
         exchange = InProcessExchange(num_students)
     else:
         if world_size != cfg.num_workers:
@@ -99,7 +100,8 @@ def train_fn_per_worker(config: dict) -> None:
         student, replica = divmod(rank, num_replicas)
         worker = WorkerContext(students=[student], replica=replica, num_replicas=num_replicas,
                                process_group=_student_process_group(num_students, num_replicas, rank),
-                               device=device, attempt=attempt)
+                               device=device, attempt=attempt, precision=cfg.resources.precision,
+                               channels_last=cfg.resources.channels_last)
         exchange = RayExchange(board, num_students, replica=replica, num_replicas=num_replicas,
                                attempt=attempt, timeout_s=config["exchange_timeout_s"])
     if not config.get("lookahead", True):  # benchmark switch: no overlap of exchange and compute

@@ -52,6 +52,8 @@ row_flags() {
     pce2_1pc)     echo "method.w_ts=0|method.w_ss=0|$one_per_class" ;;
     seminar_1pc)  echo "$one_per_class" ;;
     seminar_ssic_1pc) echo "method.ss_norm=image_class|$one_per_class" ;;
+    pce2_1pc_long) echo "method.w_ts=0|method.w_ss=0|$one_per_class|$long" ;;
+    seminar_ssic_1pc_long) echo "method.ss_norm=image_class|$one_per_class|$long" ;;
     pce_mild_pair) echo "$one_student|students.0.augment=$mild|method.w_ts=0|method.w_ss=0|method.w_pair=1" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac

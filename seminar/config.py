@@ -186,6 +186,13 @@ class ResourcesConfig(Strict):
     cpus_per_worker: float = Field(1, gt=0, le=256)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: fitted)")
     loader_workers: int = Field(1, ge=0, le=64, description="data-loading processes per worker (0 = in the loop)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="--in-process: where the students train (auto = cuda when there is one); on Ray, "
+                            "gpus_per_worker decides")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: forwards under bfloat16 autocast "
+                                                                   "(weights, optimizer and EMA stay fp32)")
+    channels_last: bool = Field(False, description="networks in channels-last memory format (faster convolutions "
+                                                   "on GPUs with tensor cores)")
     max_failures: int = Field(2, ge=0, description="worker failures a run survives (resumes from checkpoint)")
 
 

@@ -49,6 +49,12 @@ class WorkerContext:
     process_group: "dist.ProcessGroup | None" = None  # this student's replicas
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     attempt: int = 0
+    precision: str = "fp32"  # resources.precision
+    channels_last: bool = False  # resources.channels_last
+
+    def autocast(self) -> torch.autocast:
+        """Where forwards run: under bfloat16 autocast with resources.precision=bf16."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
 @dataclass
@@ -67,6 +73,8 @@ def build_student(cfg: TrainConfig, k: int, num_classes: int, ctx: WorkerContext
     spec = cfg.students[k]
     torch.manual_seed(spec.seed)  # same initial weights for student k wherever it runs
     net = build_model(spec.model, num_classes, spec.output_stride, spec.pretrained, spec.decoder_channels).to(ctx.device)
+    if ctx.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     teacher = EmaTeacher(net, cfg.method.ema_decay, cfg.method.ema_warmup_steps)
     model = net
     if ctx.process_group is not None and dist.get_world_size(ctx.process_group) > 1:
@@ -135,7 +143,9 @@ def evaluate(models: dict[str, nn.Module], dataset, views: SeminarViews, num_cla
         images = torch.stack([p["image_weak"] for p in pending]).to(ctx.device)
         target = torch.stack([p["mask"] for p in pending])
         for name, m in models.items():
-            matrices[name].update(target, m(images).argmax(1).cpu())
+            with ctx.autocast():
+                logits = m(images)
+            matrices[name].update(target, logits.argmax(1).cpu())
         pending.clear()
 
     for i in shard:
@@ -194,15 +204,15 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
         teacher_probs = {}
         for k, s in students.items():
             if need_teacher_probs or (use_exchange and method.pseudo_from == "teacher"):
-                with torch.no_grad():
-                    teacher_probs[k] = s.teacher(weak).softmax(1)
+                with torch.no_grad(), ctx.autocast():
+                    teacher_probs[k] = s.teacher(weak).float().softmax(1)
             if use_exchange:
                 if method.pseudo_from == "teacher":
                     source = teacher_probs[k]
                 else:  # CPS-like: the peers see the student's own (current) prediction
                     s.net.eval()
-                    with torch.no_grad():
-                        source = s.net(weak).softmax(1)
+                    with torch.no_grad(), ctx.autocast():
+                        source = s.net(weak).float().softmax(1)
                     s.net.train()
                 published[k] = CompactPrediction.from_probs(source)
                 exchange.publish(step, k, published[k])
@@ -256,7 +266,8 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             # cluster, and after a resume.
             torch.manual_seed(hash((optim.seed, k, ctx.replica, step)) % 2**63)
             s.model.train()
-            logits = s.model(batch["image_strong"][:, position])
+            with ctx.autocast():
+                logits = s.model(batch["image_strong"][:, position]).float()
             losses = student_losses(method, step, logits, batch, teacher_probs.get(k), pseudo_label)
             s.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
 from . import checkpoint, storage
-from .config import TrainConfig
+from .config import SpecError, TrainConfig
 from .engine import WorkerContext, train_worker
 from .exchange import InProcessExchange
 
@@ -76,6 +77,7 @@ def _run_dir(cfg: TrainConfig) -> str:
 
 def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResult:
     console = console or Console()
+    device = in_process_device(cfg.resources.device)  # before any work
     cfg = with_run_name(cfg)
     storage.check_writable(cfg.storage.path, cfg.storage.run_name)
     resume = checkpoint.latest_in_run(_run_dir(cfg))
@@ -101,11 +103,19 @@ def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResul
                 shutil.copytree(directory, uri, dirs_exist_ok=True)
             saved.append(uri)
 
-    ctx = WorkerContext(students=list(range(cfg.num_students)))
+    ctx = WorkerContext(students=list(range(cfg.num_students)), device=device,
+                        precision=cfg.resources.precision, channels_last=cfg.resources.channels_last)
     metrics = train_worker(cfg, ctx, InProcessExchange(cfg.num_students), report, resume_from=resume_local)
     bar.close()
     final = saved[-1] if saved else resume
     return RunResult(cfg.storage.run_name, final, metrics or checkpoint.read_meta(final)["metrics"])
+
+
+def in_process_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpecError("resources.device=cuda, but torch sees no CUDA device here (a CPU build of torch, "
+                        "or no GPU): use resources.device=auto or cpu")
+    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def summary_table(metrics: dict[str, float], classes: list[str], num_students: int) -> Table:

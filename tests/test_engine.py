@@ -153,3 +153,29 @@ def test_cli_rejects_a_bad_spec_before_training(tmp_path):
     assert "method.ema_decay" in out.output
     out = CliRunner().invoke(app, ["evaluate", str(tmp_path)])
     assert out.exit_code == 2 and "not a checkpoint" in out.output
+
+
+def test_bf16_autocast_and_channels_last_train_on_the_cpu(tmp_path):
+    """The GPU switches (resources.precision, resources.channels_last) run on the CPU too:
+    the in-process run trains, its losses are finite, weights stay fp32 in channels-last."""
+    from seminar.engine import build_student
+
+    cfg = tiny_spec(tmp_path, "optim.steps=2", "resources.precision=bf16", "resources.channels_last=true",
+                    "resources.device=cpu")
+    result = run_in_process(cfg)
+    history = [json.loads(line) for line in (tmp_path / result.run_name / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 2 and all(np.isfinite(history[-1][f"s{k}/loss"]) for k in range(2))
+    ctx = WorkerContext(students=[0], precision="bf16", channels_last=True)
+    student = build_student(cfg, 0, 4, ctx)
+    convs = [m.weight for m in student.net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert all(w.dtype == torch.float32 and w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    with ctx.autocast():
+        assert student.net(torch.zeros(1, 3, 32, 32)).dtype == torch.bfloat16
+
+
+def test_cuda_asked_for_without_one_is_refused_before_any_work(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = CliRunner().invoke(app, ["train", "--in-process", "--set", "resources.device=cuda",
+                                   "--set", f"storage.path={tmp_path}"])
+    assert out.exit_code == 2 and "resources.device=cuda" in out.output and not any(tmp_path.iterdir())
