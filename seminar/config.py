@@ -300,6 +300,9 @@ class ServingConfig(Strict):
     suggest_clicks: int = Field(0, ge=0, le=100, description="where to click next: this many suggested clicks per "
                                 "answer where the students' teachers disagree (> 0 runs every teacher; free when "
                                 "teacher_ensemble is served, else one forward per teacher)")
+    clicks_store: str | None = Field(None, description="a folder or s3:// prefix where POST /v1/clicks (and the "
+                                     "page) store correction clicks as Parquet parts, for data.clicks or "
+                                     "data.extra_clicks of the next training run; None = not collected")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica, of either runtime "
                                                              "(None = all cores)")
     num_cpus: float = Field(1, ge=0, description="logical CPUs a replica reserves")

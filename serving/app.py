@@ -3,6 +3,8 @@
 A replica loads the checkpoint, runs one warm-up forward, and then answers
 
     POST /v1/segment?format=png|json|overlay   a JPEG or PNG (raw body or multipart file field)
+    POST /v1/clicks                            correction clicks (JSON: image_id, width, height,
+                                               clicks [{x, y, cls}]) -> serving.clicks_store
     GET  /v1/model                             classes, palette, version, metrics, click source
     GET  /healthz   GET /readyz                alive / weights loaded and warm-up done
     GET  /                                     a page to try it in a browser
@@ -43,13 +45,14 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from seminar.config import ServingConfig
+from seminar.data.clicks import append_clicks, make_click_table
 from seminar.predict import Segmenter
 from serving.batching import PixelBudget, QueuedImage, batch_cost, predict_batch, restore_size
 from serving.committee import Committee, suggested_clicks
@@ -68,7 +71,8 @@ from serving.metrics import ServingMetrics
 from serving.model_uri import resolve_model_uri
 
 WEB_PAGE = Path(__file__).parent / "index.html"
-ROUTES = ("/", "/healthz", "/readyz", "/v1/model", "/v1/segment")
+ROUTES = ("/", "/healthz", "/readyz", "/v1/model", "/v1/segment", "/v1/clicks")
+CLICKS_MAX_BYTES = 2**20  # a POST /v1/clicks body
 # Room for the multipart envelope around an image of max_bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 SLOW_UPLOAD_S = 1.0  # a body still arriving after this counts against serving.max_slow_uploads
@@ -85,6 +89,26 @@ class ServeArgs(BaseModel):
         None, description="which network answers (default: the spec's method.inference)")
     registry: str | None = Field(None, description="registry for bare model names (default: $SEMINAR_REGISTRY)")
     serving: ServingConfig = Field(default_factory=ServingConfig)
+
+
+class Click(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    x: float = Field(ge=0, allow_inf_nan=False)
+    y: float = Field(ge=0, allow_inf_nan=False)
+    cls: int = Field(ge=0)
+
+
+class ClickBatch(BaseModel):
+    """POST /v1/clicks: correction clicks on one image, in its own pixels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: str = Field(min_length=1, max_length=200, pattern=r"^[^/\\\x00-\x1f]+$",
+                          description="the image's id in the training data (a folder dataset: its file stem)")
+    width: int = Field(ge=1, le=65535)
+    height: int = Field(ge=1, le=65535)
+    clicks: list[Click] = Field(min_length=1, max_length=1000)
 
 
 @dataclass
@@ -227,6 +251,26 @@ class SegmentationService:
         response.headers["X-Batch-Size"] = str(inferred.batch_size)
         return response
 
+    def store_clicks(self, data: bytes) -> tuple[str, int]:
+        """Validate a ClickBatch body and append it to serving.clicks_store: (part, clicks)."""
+        try:
+            batch = ClickBatch.model_validate_json(data)
+        except ValidationError as e:
+            raise InputError(422, "invalid_click", "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5])) from None
+        num_classes = len(self.segmenter.classes)
+        for i, click in enumerate(batch.clicks):
+            if click.cls >= num_classes:
+                raise InputError(422, "invalid_click", f"clicks.{i}.cls: {click.cls} is outside the model's "
+                                                       f"{num_classes} classes (0..{num_classes - 1})")
+            if click.x > batch.width - 1 or click.y > batch.height - 1:
+                raise InputError(422, "invalid_click", f"clicks.{i}: ({click.x:g}, {click.y:g}) is outside the "
+                                                       f"{batch.width}x{batch.height} image")
+        n = len(batch.clicks)
+        table = make_click_table([batch.image_id] * n, [c.x for c in batch.clicks], [c.y for c in batch.clicks],
+                                 [c.cls for c in batch.clicks], [1] * n, "user")
+        return append_clicks(self.cfg.clicks_store, table), n
+
     def describe(self) -> dict:
         meta = self.segmenter.metadata
         return {
@@ -248,6 +292,7 @@ class SegmentationService:
             "inference": {"infer_size": self.cfg.infer_size, "max_batch_size": self.cfg.max_batch_size,
                           "batch_pixel_budget": self.cfg.batch_pixel_budget, "device": self.cfg.device,
                           "suggest_clicks": self.cfg.suggest_clicks if self.committee else 0},
+            "clicks": {"collected": bool(self.cfg.clicks_store)},
             "limits": {"max_bytes": self.cfg.max_bytes, "max_pixels": self.cfg.max_pixels,
                        "content_types": ["image/jpeg", "image/png"]},
             "formats": ["png", "json", "overlay"],
@@ -264,19 +309,22 @@ def _finite(metrics: dict) -> dict:
 # ---- HTTP ----------------------------------------------------------------------------
 
 
-async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The image bytes of a raw or multipart body, refusing oversize bodies early and bodies
-    that have not arrived within `timeout_s` (408)."""
+async def read_upload(request: Request, max_bytes: int, timeout_s: float, json_body: bool = False) -> bytes:
+    """The image bytes of a raw or multipart body (or with `json_body`, a JSON body), refusing
+    oversize bodies early and bodies that have not arrived within `timeout_s` (408)."""
     try:
-        return await asyncio.wait_for(_read_body(request, max_bytes), timeout_s)
+        return await asyncio.wait_for(_read_body(request, max_bytes, json_body), timeout_s)
     except asyncio.TimeoutError:
         raise InputError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def _read_body(request: Request, max_bytes: int, json_body: bool = False) -> bytes:
     content_type = mime_type(request.headers.get("content-type"))
-    multipart = content_type == "multipart/form-data"
-    if not multipart:
+    multipart = content_type == "multipart/form-data" and not json_body
+    if json_body and content_type != "application/json":
+        raise InputError(415, "unsupported_media_type", f"Content-Type {content_type!r} is not accepted; "
+                                                        "send the clicks as application/json")
+    if not multipart and not json_body:
         check_declared_type(content_type)
     limit = max_bytes + (MULTIPART_OVERHEAD_BYTES if multipart else 0)
     declared_length = request.headers.get("content-length", "")
@@ -401,6 +449,16 @@ def build_http_app(service: SegmentationService) -> FastAPI:
         finally:
             del service.uploads[key]
         return await service.segment(data, format, alpha)
+
+    @app.post("/v1/clicks", status_code=201)
+    async def clicks(request: Request) -> JSONResponse:
+        """Correction clicks, stored for the next training run (the model is retrained, not edited)."""
+        if not service.cfg.clicks_store:
+            raise InputError(404, "clicks_not_collected", "this endpoint does not collect clicks "
+                                                          "(serving.clicks_store is not set)")
+        data = await read_upload(request, CLICKS_MAX_BYTES, service.cfg.body_timeout_s, json_body=True)
+        part = await asyncio.to_thread(service.store_clicks, data)
+        return JSONResponse({"stored": part[1], "part": part[0]}, status_code=201)
 
     return app
 

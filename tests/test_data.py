@@ -473,3 +473,35 @@ def test_inspect_real_whats_the_point_main_file():
     assert report.num_images == 12_180 and report.num_clicks == 32_697
     assert len(report.empty_images) == 20 and report.sources == ["wtp_main"]
     assert report.seconds < 5
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_click_store_parts_from_concurrent_writers_lose_nothing_and_train_reads_them(where, tmp_path, request):
+    """The endpoint's correction clicks: each writer adds a Parquet part; a folder dataset
+    with data.clicks = the store reads every click."""
+    import concurrent.futures
+
+    from seminar.data.clicks import append_clicks
+
+    store = str(tmp_path / "clicks") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/clicks"
+
+    def writer(w: int) -> None:
+        for i in range(10):
+            append_clicks(store, make_click_table(["cat"], [float(w)], [float(i)], [1], [1], "user"))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(writer, range(4)))
+    table = load_clicks(store)
+    assert table.num_rows == 40 and set(table["source"].to_pylist()) == {"user"}
+    assert sorted(zip(table["x"].to_pylist(), table["y"].to_pylist())) == [(w, i) for w in range(4) for i in range(10)]
+    if where == "local":
+        (tmp_path / "images").mkdir()
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "images" / "cat.png")
+        dataset = build_dataset(DataConfig(dataset="folder", root=str(tmp_path), clicks=store,
+                                           classes=["background", "cat"]), "train")
+        assert len(dataset[0].clicks) == 40 and dataset.info.click_source == "user"
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(ClickFileError, match="a folder without .parquet click tables"):
+            load_clicks(str(tmp_path / "empty"))
+        with pytest.raises(ClickFileError, match="no such click file or folder"):
+            load_clicks(str(tmp_path / "missing"))

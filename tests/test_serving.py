@@ -87,7 +87,13 @@ def server(ray_session, registry_model):
 
 
 @pytest.fixture(scope="module")
-def committee_server(server, tmp_path_factory):
+def clicks_store(tmp_path_factory) -> Path:
+    """Where the committee app stores correction clicks (serving.clicks_store)."""
+    return tmp_path_factory.mktemp("clicks") / "store"
+
+
+@pytest.fixture(scope="module")
+def committee_server(server, clicks_store, tmp_path_factory):
     """A second app on the same Serve: two students whose teachers are each sure of a different
     class (1 and 2, by their classifier biases), serving.suggest_clicks=3."""
     import torch
@@ -106,11 +112,51 @@ def committee_server(server, tmp_path_factory):
         weights["classifier.bias"][k + 1] += 10.0
         torch.save(weights, path)
     serving = ServingConfig(infer_size=INFER_SIZE, num_replicas=1, torch_threads=1, suggest_clicks=3,
-                            batch_pixel_budget=8 * 64 * 64)
+                            batch_pixel_budget=8 * 64 * 64, clicks_store=str(clicks_store))
     serve.run(build_app(ServeArgs(model=checkpoint, which="teacher_ensemble", serving=serving)),
               name="committee-test", route_prefix="/committee")
     yield f"{server}/committee"
     serve.delete("committee-test")
+
+
+def post_clicks(url: str, body, content_type: str = "application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return requests.post(f"{url}/v1/clicks", data=data, headers={"Content-Type": content_type}, timeout=30)
+
+
+def test_correction_clicks_are_stored_for_the_next_run(committee_server, server, clicks_store):
+    from seminar.data.clicks import load_clicks
+
+    body = {"image_id": "street_01", "width": 64, "height": 48, "clicks": [{"x": 3, "y": 4, "cls": 2},
+                                                                           {"x": 63, "y": 47.0, "cls": 0}]}
+    stored = post_clicks(committee_server, body)
+    assert stored.status_code == 201 and stored.json()["stored"] == 2, stored.text
+    # concurrent writers: every click lands
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: post_clicks(committee_server, {**body, "image_id": f"img_{i}"}), range(16)))
+    assert [a.status_code for a in answers] == [201] * 16
+    table = load_clicks(str(clicks_store))
+    rows = [r for r in table.to_pylist() if r["image_id"] == "street_01"]
+    assert table.num_rows == 34 and {(r["x"], r["y"], r["cls"], r["source"]) for r in rows} == {
+        (3.0, 4.0, 2, "user"), (63.0, 47.0, 0, "user")}
+    # refused: named field, 4xx, nothing stored
+    for bad, status, words in [
+        ({**body, "clicks": [{"x": 3, "y": 4, "cls": 4}]}, 422, "clicks.0.cls: 4 is outside the model's 4 classes"),
+        ({**body, "clicks": [{"x": 64, "y": 4, "cls": 1}]}, 422, "clicks.0: (64, 4) is outside the 64x48 image"),
+        ({**body, "clicks": [{"x": -1, "y": 4, "cls": 1}]}, 422, "clicks.0.x"),
+        ({**body, "image_id": "../etc"}, 422, "image_id"),
+        ({**body, "clicks": []}, 422, "clicks"),
+        ({**body, "extra": 1}, 422, "extra"),
+        (b'{"image_id": "a", "width": 3', 422, "invalid_click"),
+        (b"\xff\xfe", 422, "invalid_click"),
+    ]:
+        refused = post_clicks(committee_server, bad)
+        assert refused.status_code == status and words in refused.text, (bad, refused.text)
+    assert post_clicks(committee_server, body, "text/plain").status_code == 415
+    assert load_clicks(str(clicks_store)).num_rows == 34
+    not_collected = post_clicks(server, body)
+    assert not_collected.status_code == 404 and not_collected.json()["error"] == "clicks_not_collected"
+    assert requests.get(f"{committee_server}/v1/model", timeout=30).json()["clicks"] == {"collected": True}
 
 
 def test_committee_answers_say_where_to_click(committee_server):
@@ -506,6 +552,7 @@ def chromium(tmp_path):
 @pytest.mark.parametrize("app", ["server", "committee_server"])
 def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
     server = request.getfixturevalue(app)
+    clicks_store = request.getfixturevalue("clicks_store")
     targets = []
     deadline = time.time() + 30
     while not targets and time.time() < deadline:
@@ -536,6 +583,24 @@ def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
     if app == "committee_server":  # where to click next, drawn over the overlay
         assert dots == 1 and "1 suggested clicks" in status
         assert "committee-test@0" in page.evaluate("document.getElementById('model').textContent")
+        # a correction click on the picture: class 2, at its centre -> the click store
+        from seminar.data.clicks import load_clicks
+
+        before = load_clicks(str(clicks_store)).num_rows if clicks_store.exists() else 0
+        page.evaluate("document.getElementById('cls').value = '2'")
+        box = page.call("DOM.getBoxModel", nodeId=page.call("DOM.querySelector", nodeId=document["root"]["nodeId"],
+                                                            selector="#overlay")["nodeId"])["model"]["content"]
+        x, y = (box[0] + box[4]) / 2, (box[1] + box[5]) / 2
+        for kind in ("mousePressed", "mouseReleased"):
+            page.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        deadline = time.time() + 30
+        while page.evaluate("document.body.dataset.clicks || ''") != "1" and time.time() < deadline:
+            time.sleep(0.2)
+        status = page.evaluate("document.getElementById('status').textContent")
+        assert "stored a square_2 click" in status, status
+        rows = load_clicks(str(clicks_store)).to_pylist()[before:]
+        assert [(r["image_id"], r["cls"], r["source"]) for r in rows] == [("shapes", 2, "user")]
+        assert abs(rows[0]["x"] - 160) <= 2 and abs(rows[0]["y"] - 120) <= 2
     else:
         assert dots == 0 and "suggested" not in status
         assert "shapes/1" in page.evaluate("document.getElementById('model').textContent")

@@ -15,8 +15,11 @@ image id, the click index (its position in that image's list) and the field.
 
 from __future__ import annotations
 
+import datetime
+import io
 import json
 import math
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,21 +283,46 @@ def read_click_table(path: str, source: str | None = None) -> pa.Table:
     return with_empty_image_ids(table, empty_image_ids(raw, path))
 
 
+def append_clicks(store: str, table: pa.Table) -> str:
+    """Add clicks to a click store (a folder or s3:// prefix of Parquet parts) as a new part:
+    writers never touch each other's files, so concurrent writers lose nothing."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    uri = storage.join(store, f"part-{stamp}-{secrets.token_hex(4)}.parquet")
+    sink = io.BytesIO()
+    pq.write_table(table.select(CLICK_SCHEMA.names).cast(CLICK_SCHEMA), sink)
+    storage.write_bytes(uri, sink.getvalue())
+    return uri
+
+
+def read_click_store(path: str, source: str | None = None) -> pa.Table:
+    """Every Parquet part of a click store, as one table (in the parts' order)."""
+    parts = [name for name in storage.list_files(path) if name.endswith(".parquet")]
+    if not parts:
+        raise ClickFileError(f"{path}: a folder without .parquet click tables")
+    return concat_click_tables([read_click_table(storage.join(path, name), source) for name in parts])
+
+
 def load_clicks(path: str, source: str | None = None) -> pa.Table:
-    """Read a click file by its suffix: `.json` (What's the Point) or `.parquet`.
+    """Read a click file by its suffix: `.json` (What's the Point) or `.parquet`; or a click
+    store, a folder (or s3:// prefix) of Parquet parts such as the endpoint's corrections.
 
     For JSON without a `source`, a file name containing `supp` is `wtp_supp`, anything
     else `wtp_main`.
     """
     name = Path(urlparse(str(path)).path).name  # without an s3:// URI's ?query
     suffix = Path(name).suffix.lower()
+    if not suffix:
+        try:
+            return read_click_store(path, source)
+        except FileNotFoundError:
+            raise ClickFileError(f"{path}: no such click file or folder") from None
     if suffix == ".json":
         if source is None:
             source = "wtp_supp" if "supp" in name else "wtp_main"
         return read_wtp_json(path, source)
     if suffix in (".parquet", ".pq"):
         return read_click_table(path, source)
-    raise ClickFileError(f"{path}: unknown click file type '{suffix}' (expected .json or .parquet)")
+    raise ClickFileError(f"{path}: unknown click file type '{suffix}' (expected .json, .parquet or a folder)")
 
 
 # ---------------------------------------------------------------------------------------
