@@ -203,6 +203,40 @@ def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
         "meta.json", f"student_{served.removeprefix('teacher_')}/teacher.pt"]
 
 
+@pytest.mark.slow
+def test_s3_that_stalls_during_checkpoints_does_not_fail_the_run(ray_session, s3_server, s3_bucket, monkeypatch):
+    """moto stopped (SIGSTOP) for 5 s out of every 7 while a Ray run checkpoints to S3, with an
+    S3 request timeout of 3 s: uploads time out and are retried (pyarrow's S3 retry strategy,
+    the storage filesystem Ray Train is given), and the run ends with every step and
+    checkpoint."""
+    import signal
+
+    monkeypatch.setenv(storage.S3_TIMEOUT_ENV, "3")  # the driver's filesystem, pickled to Ray's controller
+    runs = f"s3://{s3_bucket}/runs"
+    cfg = tiny_spec(runs, 6, 2, "storage.run_name=stalls")
+    done = threading.Event()
+    stalls = []
+
+    def stall_repeatedly():
+        while not done.wait(2):
+            os.kill(s3_server.process.pid, signal.SIGSTOP)
+            stalls.append(time.time())
+            done.wait(5)
+            os.kill(s3_server.process.pid, signal.SIGCONT)
+
+    staller = threading.Thread(target=stall_repeatedly, daemon=True)
+    staller.start()
+    try:
+        result = run_training(cfg, address=ray_session.address)
+    finally:
+        done.set()
+        staller.join()
+        os.kill(s3_server.process.pid, signal.SIGCONT)
+    assert result.step == 6 and len(stalls) >= 2
+    assert [h["step"] for h in read_history(f"{runs}/stalls")] == list(range(1, 7))
+    assert checkpoint.read_meta(result.checkpoint)["step"] == 6
+
+
 def test_a_resuming_worker_fetches_only_its_students_files(s3_bucket, tmp_path):
     """From S3, the worker of student 1 downloads meta.json and student_1/, not every
     student's weights and optimizer state; a local checkpoint is read in place."""
