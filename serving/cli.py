@@ -58,11 +58,19 @@ def predict_command(
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - registry, storage and file errors alike
         fail(f"cannot load model {model!r}: {' '.join(str(e).split())}")
-    with tqdm(desc="predict", unit="image", dynamic_ncols=True) as bar:
-        try:
-            summary = predict_folder(committee, input_uri, out, batch_size, suggest, progress=bar)
-        except PredictError as e:
-            fail(str(e))
+    bars = []
+
+    def progress(total: int):
+        bars.append(tqdm(total=total, desc="predict", unit="image", dynamic_ncols=True))
+        return bars[-1]
+
+    try:
+        summary = predict_folder(committee, input_uri, out, batch_size, suggest, progress=progress)
+    except PredictError as e:
+        fail(str(e))
+    finally:
+        for bar in bars:
+            bar.close()
     for line in summary["failed"]:
         console.print(f"[yellow]skipped[/] {line}", soft_wrap=True)
     why = (f"suggested clicks where its {summary['committee']} teachers disagree" if summary["committee"]

@@ -108,7 +108,8 @@ def input_images(input_uri: str) -> list[str]:
 
 def predict_folder(committee: Committee, input_uri: str, output_uri: str, batch_size: int = 4,
                    suggestions: int = 5, max_pixels: int = 16 * 2**20, progress=None) -> dict:
-    """Segment every image of input_uri into output_uri; returns a summary (counts, table path)."""
+    """Segment every image of input_uri into output_uri; returns a summary (counts, table path).
+    `progress(total)` makes a progress bar (`update(n)`) for the images left to do."""
     if storage.filesystem(output_uri)[1] == storage.filesystem(input_uri)[1]:
         raise PredictError("--out must differ from INPUT: the label maps would land among the images")
     segmenter = committee.served
@@ -121,8 +122,7 @@ def predict_folder(committee: Committee, input_uri: str, output_uri: str, batch_
         else:
             rows[name] = row
     skipped = len(rows)
-    if progress is not None:
-        progress.reset(total=len(todo))
+    bar = progress(len(todo)) if progress is not None else None
     for start in range(0, len(todo), batch_size):
         batch, images, tensors = [], [], []
         for name in todo[start:start + batch_size]:
@@ -144,8 +144,8 @@ def predict_folder(committee: Committee, input_uri: str, output_uri: str, batch_
                             None if disagreement is None else disagreement.numpy(), segmenter, suggestions)
             storage.write_bytes(storage.join(output_uri, label_map), png_with_row(labels, segmenter.palette, row))
             rows[name] = row
-        if progress is not None:
-            progress.update(len(todo[start:start + batch_size]))
+        if bar is not None:
+            bar.update(len(todo[start:start + batch_size]))
     table = pa.Table.from_pylist([rows[n] for n in names if n in rows], schema=TABLE_SCHEMA)
     sink = io.BytesIO()
     pq.write_table(table, sink)
