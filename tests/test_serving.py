@@ -325,8 +325,20 @@ def test_model_health_and_readiness(server, segmenter):
 # ---- load -----------------------------------------------------------------------------
 
 
-def test_burst_with_malformed_requests_gets_no_5xx(server):
-    """300 requests, 10% malformed, 16 at a time: every good one 200, every bad one 4xx."""
+def replica_rss_mb(app: str) -> float:
+    """Resident memory of the app's one replica process (its pid from Ray's state API)."""
+    from ray.util.state import list_actors
+
+    (replica,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                  if a.class_name.startswith(f"ServeReplica:{app}:")]
+    status = Path(f"/proc/{replica.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+@pytest.mark.parametrize("requests_total, clients", [(300, 16), pytest.param(2000, 32, marks=pytest.mark.slow)])
+def test_burst_with_malformed_requests_gets_no_5xx(server, requests_total, clients):
+    """10% malformed: every good one 200, every bad one 4xx; after 2,000 requests from 32
+    clients the replica's memory is within 20% of what it was before."""
     shapes = [(64, 64), (48, 64), (64, 40), (30, 64)]  # mixed shapes: batches pad and crop
     good = [encode(synthetic_image(i, *shapes[i % len(shapes)])) for i in range(8)]
     bad = [b"", b"junk", good[0][:50]]
@@ -340,19 +352,24 @@ def test_burst_with_malformed_requests_gets_no_5xx(server):
         answer = session.post(f"{server}/v1/segment", data=body, headers={"Content-Type": "image/png"}, timeout=120)
         return malformed, answer.status_code
 
+    before = replica_rss_mb("seminar-test")
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(send, range(300)))
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(send, range(requests_total)))
     elapsed = time.perf_counter() - start
+    after = replica_rss_mb("seminar-test")
     statuses = [status for _, status in results]
     assert not [s for s in statuses if s >= 500], f"5xx answers: {sorted(set(statuses))}"
     assert all(status == 400 for malformed, status in results if malformed)
     assert all(status == 200 for malformed, status in results if not malformed)
-    print(f"burst: 300 requests in {elapsed:.1f} s ({300 / elapsed:.0f}/s)")
+    print(f"burst: {requests_total} requests in {elapsed:.1f} s ({requests_total / elapsed:.0f}/s); "
+          f"replica {before:.0f} -> {after:.0f} MB")
+    if requests_total >= 2000:
+        assert after <= 1.2 * before, (before, after)
 
 
 def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
-    """40 clients announce 100 kB and send 10 bytes; meanwhile normal requests (retrying
+    """100 clients announce 100 kB and send 10 bytes; meanwhile normal requests (retrying
     after a 503 as told) are answered within BODY_TIMEOUT_S + 10 s, and every slow client
     gets 408 (its body did not arrive in time) or 503 (too many uploads at once)."""
     import socket
@@ -362,7 +379,7 @@ def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
     head = (f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
             "Content-Length: 100000\r\n\r\n").encode()
     slow = []
-    for _ in range(40):
+    for _ in range(100):
         conn = socket.create_connection((host, port), timeout=60)
         conn.sendall(head + b"\x89PNG\r\n\x1a\n\x00\x00")
         slow.append(conn)
@@ -390,7 +407,7 @@ def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
     finally:
         for conn in slow:
             conn.close()
-    print(f"normal requests beside 40 slow bodies: max {max(waits):.1f} s, median {sorted(waits)[5]:.1f} s; "
+    print(f"normal requests beside 100 slow bodies: max {max(waits):.1f} s, median {sorted(waits)[5]:.1f} s; "
           f"slow clients: {collections.Counter(statuses)}")
     assert max(waits) < BODY_TIMEOUT_S + 10, waits
     assert set(statuses) <= {408, 503} and 408 in statuses, statuses
