@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import storage
 from .data.base import MEAN, STD
 
 METADATA_KEY = "seminar"
@@ -99,10 +100,7 @@ def cached_export(network: nn.Module, metadata: dict) -> bytes:
     if path.is_file():
         return path.read_bytes()
     data = export_onnx(network, metadata)
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")  # concurrent replicas: one rename wins
-    partial.write_bytes(data)
-    partial.replace(path)
+    storage.write_bytes(str(path), data)  # all or nothing: concurrent replicas, one rename wins
     return data
 
 

@@ -202,15 +202,16 @@ class SegmentationService:
         if inferred.disagreement is not None:
             height, width = image.shape[:2]
             disagreement = inferred.disagreement.numpy()
+            mean_disagreement = float(disagreement.mean())
             suggestions = suggested_clicks(disagreement, self.cfg.suggest_clicks, width, height)
             # every format carries them, so that the page draws them over its overlay
-            headers["X-Disagreement"] = f"{float(disagreement.mean()):.4f}"
+            headers["X-Disagreement"] = f"{mean_disagreement:.4f}"
             headers["X-Suggested-Clicks"] = ";".join(f"{c['x']},{c['y']}" for c in suggestions)
         classes, palette = self.segmenter.classes, self.segmenter.palette
         if fmt == "json":
             answer = segmentation_json(labels, confidence, classes, palette, self.version)
             if suggestions is not None:
-                answer.update(disagreement=float(inferred.disagreement.mean()), suggested_clicks=suggestions)
+                answer.update(disagreement=mean_disagreement, suggested_clicks=suggestions)
             return JSONResponse(answer, headers=headers)
         if fmt == "overlay":
             body = overlay_png(image, labels, palette, alpha, self.untinted)

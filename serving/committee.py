@@ -71,11 +71,14 @@ class Committee:
     @classmethod
     def load(cls, uri: str, which: str | None, runtime: str, threads: int | None, device: str = "cpu") -> "Committee":
         served = Segmenter.load(uri, which, device, runtime, threads)
-        if served.runtime == "onnx" and uri.endswith(".onnx"):
+        if uri.endswith(".onnx"):
             return cls(served, [])  # an exported graph holds one network
         num_students = len(served.meta["spec"]["students"])
-        members = [Segmenter.load(uri, f"teacher_{k}", device, runtime, threads)
-                   for k in range(num_students)] if num_students > 1 else []
+        if num_students == 1:
+            return cls(served, [])
+        # the served teacher is one of them: loaded (and exported) once
+        members = [served if served.which == f"teacher_{k}" else
+                   Segmenter.load(uri, f"teacher_{k}", device, runtime, threads) for k in range(num_students)]
         return cls(served, members)
 
     def __call__(self, tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -21,7 +21,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # Declared types we accept for a raw body; the bytes are sniffed whatever is declared.
 ACCEPTED_CONTENT_TYPES = ("image/jpeg", "image/jpg", "image/pjpeg", "image/png", "application/octet-stream")
@@ -106,18 +106,22 @@ def _flat_palette(palette: list[tuple[int, int, int]]) -> list[int]:
     return flat + [0] * (768 - len(flat))
 
 
-def encode_png(image: Image.Image) -> bytes:
+def encode_png(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """PNG bytes; `text` goes into tEXt chunks."""
     out = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     # Level 1: a label map compresses well anyway, and encoding sits on the request's path.
-    image.save(out, format="PNG", compress_level=1)
+    image.save(out, format="PNG", compress_level=1, pnginfo=info)
     return out.getvalue()
 
 
-def label_png(labels: np.ndarray, palette: list[tuple[int, int, int]]) -> bytes:
+def label_png(labels: np.ndarray, palette: list[tuple[int, int, int]], text: dict[str, str] | None = None) -> bytes:
     """uint8 [H, W] class ids -> a palette PNG (mode "P"): pixel value = class id."""
     image = Image.fromarray(labels)  # mode "L"
     image.putpalette(_flat_palette(palette))  # "L" + palette -> "P", values unchanged
-    return encode_png(image)
+    return encode_png(image, text)
 
 
 def overlay_png(image: np.ndarray, labels: np.ndarray, palette: list[tuple[int, int, int]],

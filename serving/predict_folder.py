@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from seminar import storage
 from seminar.predict import Segmenter
@@ -68,15 +68,6 @@ def image_row(name: str, label_map: str, labels: np.ndarray, confidence: np.ndar
             "mean_confidence": float(confidence.mean()),
             "disagreement": None if disagreement is None else float(disagreement.mean()),
             "suggested_clicks": clicks}
-
-
-def png_with_row(labels: np.ndarray, palette: list, row: dict) -> bytes:
-    image = Image.open(io.BytesIO(label_png(labels, palette)))
-    info = PngImagePlugin.PngInfo()
-    info.add_text(ROW_CHUNK, json.dumps(row))
-    out = io.BytesIO()
-    image.save(out, format="PNG", pnginfo=info)
-    return out.getvalue()
 
 
 def done_row(uri: str, version: str) -> dict | None:
@@ -142,7 +133,7 @@ def predict_folder(committee: Committee, input_uri: str, output_uri: str, batch_
             label_map = f"{Path(name).stem}.png"
             row = image_row(name, label_map, labels, confidence,
                             None if disagreement is None else disagreement.numpy(), segmenter, suggestions)
-            storage.write_bytes(storage.join(output_uri, label_map), png_with_row(labels, segmenter.palette, row))
+            storage.write_bytes(storage.join(output_uri, label_map), label_png(labels, segmenter.palette, {ROW_CHUNK: json.dumps(row)}))
             rows[name] = row
         if bar is not None:
             bar.update(len(todo[start:start + batch_size]))
