@@ -292,8 +292,9 @@ class ServingConfig(Strict):
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 503 when overloaded")
     body_timeout_s: float = Field(10.0, gt=0, description="a request body must arrive within this time (408 "
                                   "after): a slow client cannot hold a replica's slot longer")
-    max_slow_uploads: int = Field(8, ge=1, description="bodies still arriving after a second, per replica; past "
-                                  "this, new requests get 503 with Retry-After instead of waiting behind slow senders")
+    max_slow_uploads: int = Field(8, ge=1, description="uploads in flight per replica that get "
+                                  "body_timeout_s; past this, a new body must arrive within 1 s or gets 503 with "
+                                  "Retry-After, so slow senders cannot hold every slot in turn")
     runtime: Literal["onnx", "torch"] = Field(
         "onnx", description="onnx: the network exported and run on ONNX Runtime (on 2 CPU cores 1.3x faster "
                             "than eager at batch 1, 1.8x batched: docs/performance.md); torch: eager PyTorch (also the fallback if the export fails)")

@@ -75,7 +75,7 @@ ROUTES = ("/", "/healthz", "/readyz", "/v1/model", "/v1/segment", "/v1/clicks")
 CLICKS_MAX_BYTES = 2**20  # a POST /v1/clicks body
 # Room for the multipart envelope around an image of max_bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
-SLOW_UPLOAD_S = 1.0  # a body still arriving after this counts against serving.max_slow_uploads
+SLOW_UPLOAD_S = 1.0  # the time a body gets while serving.max_slow_uploads others are arriving
 OutputFormat = Literal["png", "json", "overlay"]
 
 
@@ -142,7 +142,7 @@ class SegmentationService:
         self.budget = PixelBudget(cfg.max_batch_size, cfg.batch_pixel_budget)
         self.infer.set_max_batch_size(cfg.max_batch_size)
         self.in_flight = 0  # segment requests in this replica, from body read to answer
-        self.uploads: dict[object, float] = {}  # request bodies being received -> when they started
+        self.uploads = 0  # request bodies being received
         self.forward_idle = asyncio.Event()  # set while no batched forward runs
         self.forward_idle.set()
         self.metrics = ServingMetrics(self.version, self.segmenter.which)
@@ -218,6 +218,25 @@ class SegmentationService:
         else:
             body = label_png(labels, palette)
         return Response(body, media_type="image/png", headers=headers)
+
+    async def receive(self, request: Request, max_bytes: int, json_body: bool = False) -> bytes:
+        """The request's body. A body still arriving holds a replica slot: the first
+        max_slow_uploads in flight get body_timeout_s (then 408); while that many are in flight,
+        a new one must arrive within SLOW_UPLOAD_S or is told to come back (503), so senders that
+        never finish cannot hold every slot in turn, while fast uploads, however many, arrive
+        well within it."""
+        crowded = self.uploads >= self.cfg.max_slow_uploads
+        self.uploads += 1
+        try:
+            return await read_upload(request, max_bytes, min(SLOW_UPLOAD_S, self.cfg.body_timeout_s)
+                                     if crowded else self.cfg.body_timeout_s, json_body)
+        except InputError as error:
+            if crowded and error.error == "body_timeout":
+                raise InputError(503, "busy", f"{self.uploads - 1} other uploads in progress; retry",
+                                 self.cfg.retry_after_s) from None
+            raise
+        finally:
+            self.uploads -= 1
 
     async def segment(self, data: bytes, fmt: OutputFormat, alpha: float | None) -> Response:
         self.in_flight += 1
@@ -406,7 +425,9 @@ def build_http_app(service: SegmentationService) -> FastAPI:
 
     @app.exception_handler(InputError)
     async def refused(request: Request, error: InputError) -> JSONResponse:
-        return JSONResponse({"error": error.error, "detail": error.detail}, status_code=error.status)
+        headers = {"Retry-After": f"{error.retry_after_s:g}"} if error.retry_after_s is not None else None
+        return JSONResponse({"error": error.error, "detail": error.detail}, status_code=error.status,
+                            headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -434,21 +455,7 @@ def build_http_app(service: SegmentationService) -> FastAPI:
     @app.post("/v1/segment", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def segment(request: Request, format: OutputFormat = "png",
                       alpha: float | None = Query(None, ge=0, le=1, description="overlay opacity")) -> Response:
-        cfg = service.cfg
-        # A body still arriving holds a replica slot: past max_slow_uploads bodies that have
-        # taken over a second, a new request is told to come back rather than queued behind
-        # senders that may never finish (fast uploads, however many, never count).
-        now = time.monotonic()
-        slow = sum(now - started > SLOW_UPLOAD_S for started in service.uploads.values())
-        if slow >= cfg.max_slow_uploads:
-            return JSONResponse({"error": "busy", "detail": f"{slow} slow uploads in progress; retry"},
-                                status_code=503, headers={"Retry-After": f"{cfg.retry_after_s:g}"})
-        key = object()
-        service.uploads[key] = now
-        try:
-            data = await read_upload(request, cfg.max_bytes, cfg.body_timeout_s)
-        finally:
-            del service.uploads[key]
+        data = await service.receive(request, service.cfg.max_bytes)
         return await service.segment(data, format, alpha)
 
     @app.post("/v1/clicks", status_code=201)
@@ -457,7 +464,7 @@ def build_http_app(service: SegmentationService) -> FastAPI:
         if not service.cfg.clicks_store:
             raise InputError(404, "clicks_not_collected", "this endpoint does not collect clicks "
                                                           "(serving.clicks_store is not set)")
-        data = await read_upload(request, CLICKS_MAX_BYTES, service.cfg.body_timeout_s, json_body=True)
+        data = await service.receive(request, CLICKS_MAX_BYTES, json_body=True)
         part = await asyncio.to_thread(service.store_clicks, data)
         return JSONResponse({"stored": part[1], "part": part[0]}, status_code=201)
 

@@ -43,6 +43,7 @@ class InputError(Exception):
     status: int
     error: str
     detail: str
+    retry_after_s: float | None = None  # sent as Retry-After (a 503 the client should retry)
 
     def __str__(self) -> str:
         return f"{self.status} {self.error}: {self.detail}"

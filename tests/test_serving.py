@@ -369,9 +369,10 @@ def test_burst_with_malformed_requests_gets_no_5xx(server, requests_total, clien
 
 
 def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
-    """40 clients announce 100 kB and send 10 bytes; meanwhile normal requests (retrying
-    after a 503 as told) are answered within BODY_TIMEOUT_S + 10 s, and every slow client
-    gets 408 (its body did not arrive in time) or 503 (too many uploads at once)."""
+    """100 clients announce 100 kB and send 10 bytes (more than the replica's 16 slots and 32
+    queue places together); meanwhile normal requests (retrying after a 503 as told) are
+    answered within BODY_TIMEOUT_S + 5 s, and every slow client gets 408 (its body did not
+    arrive in time) or 503 (too many uploads at once, or the queue full)."""
     import socket
     from urllib.parse import urlparse
 
@@ -379,7 +380,7 @@ def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
     head = (f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
             "Content-Length: 100000\r\n\r\n").encode()
     slow = []
-    for _ in range(40):
+    for _ in range(100):
         conn = socket.create_connection((host, port), timeout=60)
         conn.sendall(head + b"\x89PNG\r\n\x1a\n\x00\x00")
         slow.append(conn)
@@ -407,9 +408,9 @@ def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
     finally:
         for conn in slow:
             conn.close()
-    print(f"normal requests beside 40 slow bodies: max {max(waits):.1f} s, median {sorted(waits)[5]:.1f} s; "
+    print(f"normal requests beside 100 slow bodies: max {max(waits):.1f} s, median {sorted(waits)[5]:.1f} s; "
           f"slow clients: {collections.Counter(statuses)}")
-    assert max(waits) < BODY_TIMEOUT_S + 10, waits
+    assert max(waits) < BODY_TIMEOUT_S + 5, waits
     assert set(statuses) <= {408, 503} and 408 in statuses, statuses
 
 
