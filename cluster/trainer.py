@@ -38,11 +38,13 @@ from ray.train import (Checkpoint, CheckpointConfig, CheckpointConsistencyMode, 
                        ScalingConfig)
 from ray.train.collective import broadcast_from_rank_zero
 from ray.train.torch import TorchTrainer
+from rich.console import Console
 
 from seminar import checkpoint, storage
 from seminar.config import TrainConfig
 from seminar.exchange import InProcessExchange
-from seminar.runs import append_history, new_run_name
+from seminar.progress import Progress, follow_history
+from seminar.runs import append_history, new_run_name, read_history
 
 from .exchange import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
 from .metrics import TrainMetrics
@@ -352,10 +354,14 @@ def run_training(cfg: TrainConfig, address: str | None = None, console=None, **t
         if trainer_options.get("num_workers") != 0:
             check_resources(cfg, worker_resources(cfg), trainer_options.get("placement_strategy", "PACK"))
         trainer = build_trainer(cfg, run_name, **trainer_options)
-        say = (lambda text: console.print(text, soft_wrap=True)) if console else print
+        console = console or Console()
         r = cfg.resources.replicas_per_student
-        say(f"run {run_name}: {cfg.num_students} students x {r} replica{'s' if r > 1 else ''} on Ray")
-        result = trainer.fit()
+        console.print(f"run {run_name}: {cfg.num_students} students x {r} replica{'s' if r > 1 else ''} on Ray",
+                      soft_wrap=True)
+        run_dir = f"{cfg.storage.path.rstrip('/')}/{run_name}"
+        start = max((int(h["step"]) for h in read_history(run_dir)), default=0)  # a resumed run's
+        with follow_history(run_dir, Progress(cfg, start, console)):
+            result = trainer.fit()
         board = trainer.train_loop_config["board"]
         return summarize(result, cfg, run_name, ray.get(board.stats.remote()))
     finally:

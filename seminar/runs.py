@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 
 from . import checkpoint, storage
 from .config import SpecError, TrainConfig
 from .engine import WorkerContext, train_worker
 from .exchange import InProcessExchange
+from .progress import Progress
 
 # Every report of a run, one JSON object a line, beside its checkpoints (written by one
 # process: the in-process driver, or rank 0 on Ray).
@@ -88,13 +88,12 @@ def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResul
         console.print(f"run [bold]{cfg.storage.run_name}[/]: {cfg.num_students} students in one process")
 
     start = checkpoint.read_meta(resume)["step"] if resume else 0
-    bar = tqdm(total=cfg.optim.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    progress = Progress(cfg, start, console)
     saved: list[str] = []
 
     def report(metrics: dict[str, float], directory: str | None) -> None:
         append_history(_run_dir(cfg), metrics)  # every report: the run's curves
-        bar.update(int(metrics["step"]) - bar.n)
-        bar.set_postfix({f"s{k}": f"{metrics.get(f's{k}/loss', float('nan')):.3f}" for k in range(cfg.num_students)})
+        progress.update(metrics)
         if directory:
             uri = f"{_run_dir(cfg)}/checkpoints/step_{int(metrics['step']):07d}"
             if storage.is_s3(uri):
@@ -105,8 +104,10 @@ def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResul
 
     ctx = WorkerContext(students=list(range(cfg.num_students)), device=device,
                         precision=cfg.resources.precision, channels_last=cfg.resources.channels_last)
-    metrics = train_worker(cfg, ctx, InProcessExchange(cfg.num_students), report, resume_from=resume_local)
-    bar.close()
+    try:
+        metrics = train_worker(cfg, ctx, InProcessExchange(cfg.num_students), report, resume_from=resume_local)
+    finally:
+        progress.close()
     final = saved[-1] if saved else resume
     return RunResult(cfg.storage.run_name, final, metrics or checkpoint.read_meta(final)["metrics"])
 

@@ -6,8 +6,10 @@ cluster (`tests/conftest.py`); the multi-node test adds a node and removes it ag
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import ray
 from ray.train import Checkpoint, UserCallback
+from rich.console import Console
 
 from cluster import (ClusterUnreachable, FaultInjection, InsufficientResources, StorageNotWritable, build_trainer,
                      run_training)
@@ -127,9 +130,14 @@ def test_ray_run_matches_in_process_losses(ray_session, tmp_path):
     train_worker(cfg, WorkerContext(students=[0, 1]), InProcessExchange(2), lambda m, d: local.append(m))
 
     log = tmp_path / "reports.jsonl"
-    summary = run_training(cfg, address=ray_session.address, callbacks=[RecordReports(log)])
+    console = Console(file=io.StringIO(), width=200)
+    summary = run_training(cfg, address=ray_session.address, console=console, callbacks=[RecordReports(log)])
     remote = read_reports(log)
     assert [r["step"] for r in remote] == [1, 2, 3]
+    # the driver printed the workers' progress, read back from the run's metrics.jsonl
+    printed = console.file.getvalue()
+    assert re.search(r"^step 3/3 \(100%.*\) .*s1 sup \d", printed, re.M), printed
+    assert re.search(r"^step 3: val mIoU: served 0\.\d+", printed, re.M), printed
     for mine, theirs in zip(local, remote):
         for key in ("s0/loss", "s1/loss", "s0/loss_ss", "s1/loss_ss", "s0/loss_sup", "s1/loss_ts"):
             assert theirs[key] == pytest.approx(mine[key], rel=1e-3, abs=1e-4), (mine["step"], key)

@@ -1,6 +1,7 @@
 """The training loop in one process: tiny CPU models that really train a few steps."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,9 @@ def test_cli_train_then_evaluate(tmp_path):
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
     assert "mIoU" in out.output and "clicks: simulated" in out.output
+    # live progress, as plain lines when not on a terminal: each report, then each evaluation
+    assert re.search(r"^step 2/2 \(100%, eta 0m00s\) .*s1 sup \d", out.output, re.M), out.output
+    assert re.search(r"^step 2: val mIoU: served 0\.\d+; s0 student", out.output, re.M), out.output
     ckpt = out.output.split("checkpoint:")[-1].split()[0]
     grid = tmp_path / "grid.png"
     out = runner.invoke(app, ["evaluate", ckpt, "--grid", str(grid), "--samples", "2"])

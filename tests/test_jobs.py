@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -324,6 +325,9 @@ def test_submit_tiny_job_with_token_auth_and_checkpoint_on_s3(ray_cluster, s3_bu
     assert job_id in listed.output
     logs = runner.invoke(app, ["jobs", "logs", job_id, "--address", ray_cluster.dashboard_url])
     assert logs.exit_code == 0 and "checkpoint:" in logs.output
+    # the job's logs hold its progress, printed by the driver while the workers trained
+    progress = re.search(r"^step \d+/\d+ \(\d+%, eta \d+m\d\ds\) .*s0 sup \d", logs.output, re.M)
+    assert progress and progress.start() < logs.output.index("checkpoint:"), logs.output
     stop = runner.invoke(app, ["jobs", "stop", "no-such-job", "--address", ray_cluster.dashboard_url])
     assert stop.exit_code == 1 and "no job 'no-such-job'" in one_line_error(stop)
 
