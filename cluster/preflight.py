@@ -64,8 +64,9 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     return res
 
 
-def check_resources(cfg: TrainConfig, per_worker: dict[str, float], placement_strategy: str = "PACK") -> None:
-    """Fail when the cluster's nodes, even idle, cannot host all K×R workers at once.
+def check_resources(cfg: TrainConfig, per_worker: dict[str, float], placement_strategy: str = "PACK") -> int:
+    """Fail when the cluster's nodes, even idle, cannot host all K×R workers at once;
+    return how many workers they can host.
 
     Counts how many workers fit on each alive node (identical workers, so this is exact)
     instead of comparing totals only: 2 nodes of 1.5 CPUs hold one 1-CPU worker each.
@@ -92,4 +93,4 @@ def check_resources(cfg: TrainConfig, per_worker: dict[str, float], placement_st
             f"({len(nodes)} node(s), {have} in all) can host only {capacity}. Lower "
             "resources.replicas_per_student, resources.cpus_per_worker or resources.gpus_per_worker, "
             "or add nodes")
-
+    return capacity

@@ -39,6 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 from rich.console import Console
 from rich.table import Table
 
+from cluster.preflight import check_resources, worker_resources
 from cluster.trainer import build_trainer, connect, storage_location
 from seminar.registry import ModelRegistry, default_registry
 from seminar.checks import candidate_values
@@ -102,7 +103,7 @@ class EvaluationReportCallback(TuneReportCallback):
         if checkpoint:
             self.latest[CHECKPOINT_PATH_KEY] = checkpoint.path
         if any(self.metric in m for m in metrics):
-            self._training_actor_item_queue.put(dict(self.latest))
+            super().after_report(run_context, [dict(self.latest)], None)  # the path is in `latest`
 
 
 def train_trial(config: dict[str, Any], base_spec: dict, runs_path: str) -> None:
@@ -116,6 +117,103 @@ def train_trial(config: dict[str, Any], base_spec: dict, runs_path: str) -> None
     run_name = f"trial-{tune.get_context().get_trial_id()}"
     trainer = build_trainer(cfg, run_name, callbacks=[EvaluationReportCallback(base_spec["sweep"]["metric"])])
     trainer.fit()
+
+
+# --------------------------------------------------------------------------------------
+# Watching the sweep
+# --------------------------------------------------------------------------------------
+
+PENDING_REPORT_S = 60.0  # a placement group waiting this long is reported, with what is free
+
+
+class SweepWatch(tune.Callback):
+    """What the sweep is doing, printed as it happens (Tune's own output is off): a table of
+    the trials at each evaluation, and resources that trials have waited for over
+    PENDING_REPORT_S (their workers' placement groups) against what the cluster has free."""
+
+    def __init__(self, console: Console, metric: str, mode: str, params: list[str], max_t: int):
+        self.console, self.metric, self.mode, self.params, self.max_t = console, metric, mode, params, max_t
+        self.pending_since: dict[str, float] = {}  # placement group id -> first seen pending
+        self.reported: set[str] = set()
+        self.next_check = 0.0
+
+    def __getstate__(self) -> dict:
+        # Tune saves its run config, callbacks included, for a restore: not the console.
+        return {**self.__dict__, "console": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, console=state["console"] or Console())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.console.print(self.headline(trials, trial, result), soft_wrap=True)
+        self.console.print(self.table(trials))
+
+    def headline(self, trials, trial, result) -> str:
+        counts = {}
+        for t in trials:
+            counts[self.status(t)] = counts.get(self.status(t), 0) + 1
+        sign = 1 if self.mode == "max" else -1
+        scored = [t for t in trials if isinstance(t.last_result.get(self.metric), float)]
+        best = max(scored, key=lambda t: sign * t.last_result[self.metric], default=None)
+        return (f"trial {trial.trial_id}, evaluation {result.get('training_iteration')}/{self.max_t} "
+                f"(step {result.get('step')}): {self.metric} {result.get(self.metric, float('nan')):.4f}; "
+                + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+                + (f"; best {best.last_result[self.metric]:.4f} ({best.trial_id})" if best else ""))
+
+    def table(self, trials) -> Table:
+        table = Table()
+        table.add_column("trial", no_wrap=True)
+        for p in self.params:
+            table.add_column(p.rsplit(".", 1)[-1], justify="right")
+        table.add_column("status")
+        table.add_column("evals", justify="right")
+        table.add_column(self.metric, justify="right")
+        for t in trials:
+            value = t.last_result.get(self.metric)
+            table.add_row(t.trial_id, *[_fmt(t.config.get(p)) for p in self.params], self.status(t),
+                          f"{t.last_result.get('training_iteration', 0)}/{self.max_t}",
+                          "-" if value is None else f"{value:.4f}")
+        return table
+
+    def status(self, trial) -> str:
+        if trial.status == "TERMINATED":
+            return "done" if trial.last_result.get("training_iteration", 0) >= self.max_t else "stopped"
+        return trial.status.lower()
+
+    def on_step_begin(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + 5
+        try:
+            from ray.util.state import list_placement_groups
+
+            pending = list_placement_groups(filters=[("state", "=", "PENDING")], detail=True, timeout=5)
+        except Exception:  # the state API is the dashboard's: a message is not worth failing a sweep for
+            return
+        for group in pending:
+            gid = group.placement_group_id
+            waited = now - self.pending_since.setdefault(gid, now)
+            if waited >= PENDING_REPORT_S and gid not in self.reported:
+                self.reported.add(gid)
+                self.console.print(f"waiting {waited:.0f} s for resources: {demand_text(group.bundles or [])} "
+                                   f"(running trials: {sum(t.status == 'RUNNING' for t in trials)}); "
+                                   f"free now: {free_text()}", soft_wrap=True)
+
+
+def demand_text(bundles: list[dict]) -> str:
+    """'2 x {CPU: 3}' for a placement group's bundles."""
+    counted: dict[str, int] = {}
+    for bundle in bundles:
+        shape = ", ".join(f"{k}: {v:g}" for k, v in sorted((bundle.get("unit_resources") or {}).items())
+                          if not k.startswith(("bundle_group", "node:")))
+        counted[shape] = counted.get(shape, 0) + 1
+    return " + ".join(f"{n} x {{{shape}}}" for shape, n in counted.items()) or "a placement group"
+
+
+def free_text() -> str:
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return ", ".join(f"{k} {free.get(k, 0):g} of {total[k]:g}" for k in ("CPU", "GPU") if total.get(k))
 
 
 # --------------------------------------------------------------------------------------
@@ -187,6 +285,9 @@ def run_sweep(cfg: TrainConfig, address: str | None = None, registry: str | None
 
     started_here = connect(address, cfg)
     try:
+        # One trial's workers must fit the idle cluster, or the sweep would wait forever.
+        capacity = check_resources(cfg, worker_resources(cfg))
+        at_once = min(capacity // cfg.num_workers, sweep.max_concurrent or math.inf, _count_trials(sweep))
         storage_path, storage_filesystem = storage_location(base_path)
         trainable = tune.with_parameters(
             train_trial, base_spec=cfg.model_dump(mode="json") | {"sweep": sweep.model_dump(mode="json")},
@@ -204,10 +305,13 @@ def run_sweep(cfg: TrainConfig, address: str | None = None, registry: str | None
                                         grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor),
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                                      verbose=0),
+                                      verbose=0, callbacks=[SweepWatch(console, sweep.metric, sweep.mode,
+                                                                       list(sweep.params), max_t)]),
         )
-        console.print(f"sweep [bold]{name}[/]: {_count_trials(sweep)} trials of {cfg.num_workers} workers, "
-                      f"ASHA on {sweep.metric} ({sweep.mode}) over {max_t} evaluations; results in {sweep_path}")
+        per_worker = ", ".join(f"{k}={v:g}" for k, v in worker_resources(cfg).items())
+        console.print(f"sweep [bold]{name}[/]: {_count_trials(sweep)} trials of {cfg.num_workers} workers "
+                      f"({per_worker} each), {at_once} at once on this cluster; ASHA on {sweep.metric} "
+                      f"({sweep.mode}) over {max_t} evaluations; results in {sweep_path}", soft_wrap=True)
         t0 = time.perf_counter()
         grid = tuner.fit()
         wall_s = time.perf_counter() - t0

@@ -360,13 +360,51 @@ def test_unauthorised_cluster_is_one_line(ray_cluster, tmp_path):
 # ------------------------------------------------------------------------------- the sweep
 
 
+def test_sweep_on_a_cluster_too_small_for_one_trial_fails_at_once(ray_session, tmp_path):
+    """The test cluster has 8 CPUs; a trial of 2 workers with 5 CPUs each cannot be placed:
+    `seminar tune` says so, naming the demand, instead of waiting for ever."""
+    spec = write_spec(tmp_path / "sweep.yaml", resources={"cpus_per_worker": 5},
+                      storage={"path": str(tmp_path / "runs")},
+                      sweep={"params": {"optim.lr": {"grid": [1e-3, 1e-2]}}})
+    t0 = time.perf_counter()
+    result = runner.invoke(app, ["tune", str(spec)])
+    assert result.exit_code == 1 and time.perf_counter() - t0 < 30, result.output
+    error = one_line_error(result)
+    assert "needs 2 workers" in error and "CPU=5 each" in error and "can host only 1" in error, error
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
-def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, tmp_path):
+def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, tmp_path, monkeypatch):
     """4 trials of 2-worker runs: lr 3e-3 trains, lr 1e-9 does not. Grid order runs the two
     good trials first, so ASHA (grace 1 evaluation, reduction 2) stops the two poor ones at
-    their first evaluation; the best checkpoint goes to the S3 registry."""
+    their first evaluation; the best checkpoint goes to the S3 registry. Until the sweep says
+    why it waits, something else holds 5 of the cluster's 8 CPUs: the second trial's workers
+    wait, and the sweep names their demand against what is free; at each evaluation it prints
+    the trials."""
+    import io
+    import threading
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from rich.console import Console
+
+    import jobs.sweep
     from jobs.sweep import run_sweep
 
+    monkeypatch.setattr(jobs.sweep, "PENDING_REPORT_S", 3.0)
+    holder = placement_group([{"CPU": 5}])
+    ray.get(holder.ready(), timeout=60)
+    console = Console(file=io.StringIO(), width=200)
+    ended = threading.Event()
+
+    def release_when_said():  # or after 3 minutes: a sweep that never says fails, not hangs
+        deadline = time.monotonic() + 180
+        while "waiting " not in console.file.getvalue() and time.monotonic() < deadline and not ended.wait(0.5):
+            pass
+        remove_placement_group(holder)
+
+    releaser = threading.Thread(target=release_when_said, daemon=True)
+    releaser.start()
     registry = f"s3://{s3_bucket}/models"
     cfg = load_spec(write_spec(
         tmp_path / "sweep.yaml",
@@ -376,8 +414,17 @@ def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, 
         sweep={"params": {"optim.lr": {"grid": [3e-3, 1e-9]}, "method.ema_decay": {"grid": [0.9, 0.99]}},
                "num_samples": 1, "grace_period": 1, "reduction_factor": 2, "max_concurrent": 2,
                "registry": registry, "model_name": "tiny"}))
-    result = run_sweep(cfg, name="tiny-sweep")
-    print(f"\nsweep of {len(result.trials)} trials: {result.wall_s:.1f} s wall")
+    try:
+        result = run_sweep(cfg, name="tiny-sweep", console=console)
+    finally:
+        ended.set()
+        releaser.join()
+    printed = console.file.getvalue()
+    print(f"\nsweep of {len(result.trials)} trials: {result.wall_s:.1f} s wall\n{printed}")
+    assert "4 trials of 2 workers (CPU=1 each), 2 at once on this cluster" in printed
+    assert re.search(r"^waiting \d+ s for resources: 2 x \{CPU: 1\} \(running trials: \d\); "
+                     r"free now: CPU [\d.]+ of 8", printed, re.M), printed
+    assert re.search(r"^trial \w+, evaluation 1/2 \(step 8\): val/miou 0\.\d+; .*running", printed, re.M), printed
 
     assert len(result.trials) == 4 and all(t.status == "TERMINATED" for t in result.trials), result.trials
     stopped = {t.trial_id for t in result.stopped_early}
