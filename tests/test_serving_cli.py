@@ -84,3 +84,50 @@ def test_seminar_serve_command(ray_session, tmp_path):
     except requests.ConnectionError:
         still_up = False
     assert not still_up
+
+
+def test_shipped_serve_config_deploys_with_rays_own_cli(ray_session, tmp_path):
+    """A checkpoint published to a registry, then `serve deploy serving/serve_config.yaml`
+    (Ray's own CLI) onto the session's head: the app answers a segmentation. The shipped
+    file is used as shipped but for the port (a free one) and the model (the registry made
+    here, by absolute path: replicas do not run in the repository)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from jobs.main import app
+
+    registry = tmp_path / "runs" / "registry"
+    published = CliRunner().invoke(app, ["models", "publish", str(make_checkpoint(tmp_path / "checkpoint")),
+                                         "--name", "seminar", "--registry", str(registry)])
+    assert published.exit_code == 0, published.output
+    config = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["model"] = str(registry / "seminar")
+    shipped = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    assert shipped["applications"][0]["args"]["model"] == "runs/registry/seminar"  # what the edit replaced
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    serve_cli = [os.path.join(os.path.dirname(sys.executable), "serve")]
+    deployed = subprocess.run([*serve_cli, "deploy", str(path), "--address", ray_session.dashboard_url],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    try:
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        deadline = time.time() + 240
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json().get("ready"):
+                    break
+            except (requests.RequestException, ValueError):  # the proxy is up before the app
+                pass
+            assert time.time() < deadline, subprocess.run([*serve_cli, "status", "--address", ray_session.dashboard_url],
+                                                          capture_output=True, text=True).stdout
+            time.sleep(2)
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/segment", data=encode(np.zeros((40, 60, 3), np.uint8)),
+                               headers={"Content-Type": "image/png"}, timeout=60)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == "seminar/1"
+        assert Image.open(io.BytesIO(answer.content)).size == (60, 40)
+    finally:
+        subprocess.run([*serve_cli, "shutdown", "--address", ray_session.dashboard_url, "--yes"],
+                       capture_output=True, timeout=120)
