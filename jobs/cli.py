@@ -34,8 +34,8 @@ ADDRESS_HELP = "the cluster's Jobs API (dashboard) URL, e.g. http://HEAD:8265; d
 PYTHON_HELP = "the Python on the cluster with this project's dependencies (default: python on the head's PATH)"
 REGISTRY_HELP = "model registry: a local directory or s3://bucket/prefix; default: $SEMINAR_REGISTRY, else runs/registry"
 
-jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, status, logs, stop.")
-models_app = typer.Typer(no_args_is_help=True, help="Published models in a registry.")
+jobs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Ray jobs on a cluster: list, status, logs, stop.")
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Published models in a registry.")
 
 
 def _remote_address(address: Optional[str]) -> Optional[str]:
@@ -57,7 +57,7 @@ def _remote_address(address: Optional[str]) -> Optional[str]:
 def submit(
     spec: Path = typer.Argument(..., help="job spec (YAML)"),
     address: Optional[str] = typer.Option(None, "--address", "-a", help=ADDRESS_HELP),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="override a spec field: key=value (repeatable)"),
+    overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="override a spec field: key=value (repeatable)"),
     follow: bool = typer.Option(False, "--follow", "-f", help="stream the job's logs until it ends"),
     python: str = typer.Option("python", "--python", help=PYTHON_HELP),
 ) -> None:
@@ -77,7 +77,7 @@ def tune(
     address: Optional[str] = typer.Option(None, "--address", "-a",
                                           help=ADDRESS_HELP + ". Given: submit the sweep as a job; "
                                                "else run it here (on $RAY_ADDRESS's cluster or a local Ray)"),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="override a spec field: key=value (repeatable)"),
+    overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="override a spec field: key=value (repeatable)"),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP + "; default: sweep.registry"),
     name: Optional[str] = typer.Option(None, "--name", help="sweep name; default: sweep.name or a new one"),
     follow: bool = typer.Option(False, "--follow", "-f", help="(with --address) stream the job's logs"),

@@ -22,14 +22,14 @@ import seminar.cli
 import serving.cli
 from seminar.cli import fail, spec_from_options
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Semantic segmentation from clicks with seminar learning, on Ray.")
 
 
 @app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="job spec (YAML); default: the embedded synthetic job"),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="override a spec field: key=value (repeatable)"),
+    overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="override a spec field: key=value (repeatable)"),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: an embedded local Ray"),
     in_process: bool = typer.Option(False, "--in-process", help="all students in this process, without Ray"),
 ) -> None:

@@ -61,7 +61,7 @@ def print_training_summary(cfg: TrainConfig, result) -> None:
 def evaluate(
     checkpoint: str = typer.Argument(..., help="checkpoint or run directory (its latest checkpoint), local or s3://"),
     data: Optional[Path] = typer.Option(None, "--data", help="a spec whose data section to evaluate on; default: the checkpoint's"),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="override a data field: data.key=value"),
+    overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="override a data field: data.key=value"),
     split: Optional[str] = typer.Option(None, "--split", help="default: the spec's val split"),
     which: Optional[str] = typer.Option(None, "--which", help="best_teacher | primary_teacher | primary_student | teacher_ensemble"),
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG of image | clicks | prediction | ground truth"),
@@ -104,7 +104,7 @@ def evaluate(
         console.print(f"grid: {save_grid(segmenter, cfg.data, split, grid, samples)}", soft_wrap=True)
 
 
-runs_app = typer.Typer(no_args_is_help=True, help="Runs under a storage path: list, show, plot.")
+runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs under a storage path: list, show, plot.")
 PATH_HELP = "storage path the runs are under (a spec's storage.path): local or s3://"
 
 
@@ -183,7 +183,7 @@ def runs_plot(run: str = typer.Argument(..., help="run name under --path, or a r
 # seminar data: look at click data before training on it
 # --------------------------------------------------------------------------------------
 
-data_app = typer.Typer(help="Inspect click data.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect click data.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @data_app.callback()

@@ -100,7 +100,7 @@ def serve_command(
     which: Optional[str] = typer.Option(None, help="best_teacher | primary_teacher | primary_student | teacher_ensemble"),
     registry: Optional[str] = typer.Option(None, help="registry for bare model names: a local directory or s3://bucket/prefix; default: $SEMINAR_REGISTRY, else runs/registry"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="a job spec whose serving: section to use"),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="a serving field: key=value (repeatable)"),
+    overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="a serving field: key=value (repeatable)"),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray"),
     name: str = typer.Option("seminar", help="Serve application name"),
     route_prefix: str = typer.Option("/", help="URL prefix of the application"),

@@ -493,3 +493,23 @@ def test_kuberay_rayjob_runs_a_valid_spec_on_gpu_workers(tmp_path):
     assert gpu_group["replicas"] * per_pod >= cfg.num_workers
     mounts = {m["mountPath"] for m in gpu_group["template"]["spec"]["containers"][0]["volumeMounts"]}
     assert "/etc/seminar" in mounts and cfg.data.root.startswith(tuple(mounts))
+
+
+def test_every_help_screen_is_plain_and_shows_no_flag_types():
+    """Every command's --help: exit 0, no '<bool>' after a flag, --set shown as KEY=VALUE."""
+    import click
+    import typer
+
+    def paths(command: click.Command, prefix: list[str]):
+        yield prefix
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from paths(sub, prefix + [name])
+
+    screens = list(paths(typer.main.get_command(app), []))
+    assert ["models", "publish"] in screens and ["runs", "plot"] in screens and ["train"] in screens
+    for path in screens:
+        shown = runner.invoke(app, [*path, "--help"])
+        assert shown.exit_code == 0 and "Usage: " in shown.output, (path, shown.output)
+        assert "<bool>" not in shown.output, (path, shown.output)
+        if "--set" in shown.output:
+            assert "--set KEY=VALUE" in shown.output, (path, shown.output)
