@@ -44,7 +44,7 @@ from seminar import checkpoint, storage
 from seminar.config import TrainConfig
 from seminar.exchange import InProcessExchange
 from seminar.progress import Progress, follow_history
-from seminar.runs import append_history, new_run_name, read_history
+from seminar.runs import RunLog, new_run_name, read_history
 
 from .exchange import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
 from .metrics import TrainMetrics
@@ -148,6 +148,9 @@ class Reporter:
         self.run_info = {"run/attempt": attempt, "run/resumed_from_step": resumed_step}
         # Only replica 0 of a student exports it: its replicas report the same reduced values.
         self.ray_metrics = TrainMetrics(cfg.storage.run_name or "run", worker.students) if worker.replica == 0 else None
+        # One writer of the run's history, beside its checkpoints.
+        self.log = RunLog(f"{cfg.storage.path.rstrip('/')}/{cfg.storage.run_name}",
+                          cfg.storage.tensorboard) if rank == 0 else None
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         self._maybe_inject_fault(metrics)
@@ -162,8 +165,8 @@ class Reporter:
             served = choose_served(self.cfg, merged)
             if checkpoint_dir:
                 checkpoint.update_meta(checkpoint_dir, served=served, metrics=merged)
-        if self.rank == 0:  # one writer of the run's history, beside its checkpoints
-            append_history(f"{self.cfg.storage.path.rstrip('/')}/{self.cfg.storage.run_name}", merged)
+        if self.log:
+            self.log.append(merged)
         ray_checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(merged, checkpoint=ray_checkpoint)
         if ray_checkpoint:

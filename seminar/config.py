@@ -199,6 +199,8 @@ class ResourcesConfig(Strict):
 class StorageConfig(Strict):
     path: str = Field("runs", description="local directory or s3://bucket/prefix for runs and checkpoints")
     run_name: str | None = Field(None, description="None = a new unique name; an existing name resumes it")
+    tensorboard: bool = Field(False, description="also write every report as TensorBoard scalars in "
+                                                 "<run>/tensorboard (`tensorboard --logdir runs`)")
 
     @field_validator("run_name")
     @classmethod

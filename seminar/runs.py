@@ -7,9 +7,11 @@ Ray driver (`cluster.trainer.run_training`) runs the same `train_worker` on a cl
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from .progress import Progress
 # Every report of a run, one JSON object a line, beside its checkpoints (written by one
 # process: the in-process driver, or rank 0 on Ray).
 HISTORY = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
 
 
 def append_history(run_dir: str, metrics: dict[str, float]) -> None:
@@ -40,6 +43,35 @@ def append_history(run_dir: str, metrics: dict[str, float]) -> None:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         with open(uri, "ab") as f:
             f.write(line)
+
+
+class RunLog:
+    """A run's history, written by one process (the in-process driver, or rank 0 on Ray):
+    every report appended to `metrics.jsonl` and, with `storage.tensorboard`, written as
+    TensorBoard scalars under `<run>/tensorboard` (made locally, copied after each report
+    when the run is on S3)."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = False):
+        self.run_dir = run_dir.rstrip("/")
+        self.writer = self.events = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # comes with ray[train]
+
+            self.events = (tempfile.mkdtemp(prefix="seminar-tensorboard-") if storage.is_s3(self.run_dir)
+                           else f"{self.run_dir}/{TENSORBOARD}")
+            self.writer = SummaryWriter(self.events)
+
+    def append(self, metrics: dict[str, float]) -> None:
+        append_history(self.run_dir, metrics)
+        if self.writer is None:
+            return
+        step = int(metrics["step"])
+        for name, value in metrics.items():
+            if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        if storage.is_s3(self.run_dir):
+            storage.upload_dir(self.events, f"{self.run_dir}/{TENSORBOARD}")
 
 
 def read_history(run_dir: str) -> list[dict[str, float]]:
@@ -91,8 +123,10 @@ def run_in_process(cfg: TrainConfig, console: Console | None = None) -> RunResul
     progress = Progress(cfg, start, console)
     saved: list[str] = []
 
+    log = RunLog(_run_dir(cfg), cfg.storage.tensorboard)
+
     def report(metrics: dict[str, float], directory: str | None) -> None:
-        append_history(_run_dir(cfg), metrics)  # every report: the run's curves
+        log.append(metrics)  # every report: the run's curves
         progress.update(metrics)
         if directory:
             uri = f"{_run_dir(cfg)}/checkpoints/step_{int(metrics['step']):07d}"

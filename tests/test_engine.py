@@ -183,3 +183,42 @@ def test_cuda_asked_for_without_one_is_refused_before_any_work(tmp_path):
     out = CliRunner().invoke(app, ["train", "--in-process", "--set", "resources.device=cuda",
                                    "--set", f"storage.path={tmp_path}"])
     assert out.exit_code == 2 and "resources.device=cuda" in out.output and not any(tmp_path.iterdir())
+
+
+def read_scalars(event_file: bytes) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from a TensorBoard event file (TFRecord framing: length, crc,
+    an Event protobuf, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    offset = 0
+    while offset < len(event_file):
+        (length,) = struct.unpack_from("<Q", event_file, offset)
+        event = Event.FromString(event_file[offset + 12:offset + 12 + length])
+        offset += 12 + length + 4
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_tensorboard_scalars_beside_the_history(where, tmp_path, request):
+    """storage.tensorboard: every report's metrics as TensorBoard scalars in <run>/tensorboard,
+    the same numbers as metrics.jsonl, locally and on S3."""
+    from seminar import storage
+    from seminar.runs import read_history
+
+    runs = f"s3://{request.getfixturevalue('s3_bucket')}/runs" if where == "s3" else str(tmp_path)
+    cfg = tiny_spec(runs, "optim.steps=4", "schedule.log_every=2", "schedule.eval_every=4",
+                    "storage.tensorboard=true")
+    result = run_in_process(cfg)
+    run_dir = f"{runs}/{result.run_name}"
+    files = storage.list_files(f"{run_dir}/tensorboard")
+    assert len(files) == 1 and files[0].startswith("events.out.tfevents."), files
+    scalars = read_scalars(storage.read_bytes(f"{run_dir}/tensorboard/{files[0]}"))
+    history = read_history(run_dir)
+    assert sorted(scalars["s1/loss_sup"]) == [h["step"] for h in history] == [2, 4]
+    assert scalars["s1/loss_sup"][4] == pytest.approx(history[-1]["s1/loss_sup"], rel=1e-6)
+    assert scalars["val/miou"] == {4: pytest.approx(history[-1]["val/miou"], rel=1e-6)}
