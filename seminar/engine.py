@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
-from .config import TrainConfig
+from .config import ScheduleConfig, TrainConfig
 from .data import build_dataset
 from .data.base import IGNORE_INDEX
 from .data.inspect import ClickPurity
@@ -57,37 +57,97 @@ class WorkerContext:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
-@dataclass
-class Student:
-    """One hosted student: its network (maybe DDP-wrapped), EMA teacher and optimizer."""
+class StudentTask:
+    """One hosted student as a training task: its network (DDP-wrapped when replicated),
+    its EMA teacher (built with its decay and warm-up), optimizer and LR schedule; its
+    look-ahead (the teacher's prediction of a batch, published to the peers one step early)
+    and its training step (the peers' predictions fused into pseudo-labels, the losses, the
+    updates), which returns its losses and instruments by name."""
 
-    index: int
-    model: nn.Module  # what trains (DDP wrapper when replicated)
-    net: nn.Module  # the bare network (what the teacher averages and checkpoints hold)
-    teacher: EmaTeacher
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    def __init__(self, cfg: TrainConfig, k: int, num_classes: int, ctx: WorkerContext,
+                 exchange: Exchange | None = None):
+        spec, o = cfg.students[k], cfg.optim
+        self.k, self.cfg, self.ctx, self.num_classes = k, cfg, ctx, num_classes
+        torch.manual_seed(spec.seed)  # same initial weights for student k wherever it runs
+        net = build_model(spec.model, num_classes, spec.output_stride, spec.pretrained,
+                          spec.decoder_channels).to(ctx.device)
+        if ctx.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net  # the bare network (what the teacher averages and checkpoints hold)
+        self.teacher = EmaTeacher(net, cfg.method.ema_decay, cfg.method.ema_warmup_steps)
+        self.model = net  # what trains (DDP wrapper when replicated)
+        if ctx.process_group is not None and dist.get_world_size(ctx.process_group) > 1:
+            self.model = DistributedDataParallel(net, process_group=ctx.process_group)
+        if o.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum,
+                                             weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        # Poly decay, the DeepLab schedule.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: max(0.0, 1.0 - s / o.steps) ** o.poly_power)
+        # Exchanging labels only makes sense with peers and a student-student loss.
+        self.exchange = exchange if exchange is not None and cfg.num_students > 1 and cfg.method.w_ss > 0 else None
+        self.published: CompactPrediction | None = None  # the latest look-ahead, kept for checkpoints
 
+    def look_ahead(self, step: int, weak: torch.Tensor) -> torch.Tensor | None:
+        """The teacher's probabilities of `weak` (the batch of `step`) when `loss_ts` or the
+        exchange needs them; the pseudo-label source's prediction published to the peers."""
+        method, probs = self.cfg.method, None
+        if method.w_ts > 0 or (self.exchange is not None and method.pseudo_from == "teacher"):
+            with torch.no_grad(), self.ctx.autocast():
+                probs = self.teacher(weak).float().softmax(1)
+        if self.exchange is not None:
+            if method.pseudo_from == "teacher":
+                source = probs
+            else:  # CPS-like: the peers see the student's own (current) prediction
+                self.net.eval()
+                with torch.no_grad(), self.ctx.autocast():
+                    source = self.net(weak).float().softmax(1)
+                self.net.train()
+            self.published = CompactPrediction.from_probs(source)
+            self.exchange.publish(step, self.k, self.published)
+        return probs
 
-def build_student(cfg: TrainConfig, k: int, num_classes: int, ctx: WorkerContext) -> Student:
-    spec = cfg.students[k]
-    torch.manual_seed(spec.seed)  # same initial weights for student k wherever it runs
-    net = build_model(spec.model, num_classes, spec.output_stride, spec.pretrained, spec.decoder_channels).to(ctx.device)
-    if ctx.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    teacher = EmaTeacher(net, cfg.method.ema_decay, cfg.method.ema_warmup_steps)
-    model = net
-    if ctx.process_group is not None and dist.get_world_size(ctx.process_group) > 1:
-        model = DistributedDataParallel(net, process_group=ctx.process_group)
-    o = cfg.optim
-    if o.optimizer == "sgd":
-        optimizer = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    # Poly decay, the DeepLab schedule.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / o.steps) ** o.poly_power)
-    return Student(k, model, net, teacher, optimizer, scheduler)
+    def restore_look_ahead(self, step: int, saved: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The look-ahead of `step` as the interrupted run made it (one EMA update older than
+        the checkpoint's teacher): a resumed run continues with the same numbers."""
+        if self.exchange is not None:
+            self.published = CompactPrediction(saved["label"].numpy(), saved["confidence"].numpy())
+            self.exchange.publish(step, self.k, self.published)
+        return saved["teacher_probs"].to(self.ctx.device) if "teacher_probs" in saved else None
+
+    def train_step(self, step: int, batch: dict[str, torch.Tensor], position: int,
+                   teacher_probs: torch.Tensor | None) -> dict[str, float]:
+        """One step on the student's strong view of `batch`; its losses and instruments."""
+        pseudo_label, wait = None, 0.0
+        if self.exchange is not None:  # the peers' predictions for this batch
+            t_wait = time.perf_counter()
+            peers = self.exchange.collect(step, self.k)
+            wait = time.perf_counter() - t_wait
+            pseudo_label, _ = fuse_pseudo_labels(peers, self.cfg.method, self.num_classes,
+                                                 batch["click_map"], batch["valid"])
+        # Dropout's randomness is keyed by (student, replica, step), so a run gives the same
+        # numbers in one process, on a cluster, and after a resume.
+        torch.manual_seed(hash((self.cfg.optim.seed, self.k, self.ctx.replica, step)) % 2**63)
+        self.model.train()
+        with self.ctx.autocast():
+            logits = self.model(batch["image_strong"][:, position]).float()
+        losses = student_losses(self.cfg.method, step, logits, batch, teacher_probs, pseudo_label)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.teacher.update(self.net, step)
+        return {**{name: value.item() for name, value in losses.items()},
+                **instruments(batch, logits, pseudo_label), "exchange_wait": wait}
+
+    def load(self, state: dict) -> None:
+        """A checkpoint's state of this student (`checkpoint.read_student`)."""
+        self.net.load_state_dict(state["student"])
+        self.teacher.module.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+        self.scheduler.load_state_dict(state["optimizer"]["scheduler"])
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -165,159 +225,133 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+@dataclass(frozen=True)
+class Due:
+    """What the schedule asks for after a step: a report (mean metrics since the last one),
+    an evaluation, a checkpoint."""
+
+    report: bool
+    evaluate: bool
+    checkpoint: bool
+
+
+def due_after(schedule: ScheduleConfig, steps: int, done: int) -> Due:
+    """The schedule after `done` steps of `steps`: evaluations and checkpoints every
+    `eval_every` / `checkpoint_every` steps and at the end; a report at each of those and
+    every `log_every` steps."""
+    last = done == steps
+    evaluate = done % schedule.eval_every == 0 or last
+    checkpoint = done % schedule.checkpoint_every == 0 or last
+    return Due(done % schedule.log_every == 0 or evaluate or checkpoint, evaluate, checkpoint)
+
+
+def run_schedule(schedule: ScheduleConfig, steps: int, start: int, train_step: Callable[[int], dict[str, float]],
+                 on_report: Callable[[dict[str, float], Due], None]) -> dict[str, float]:
+    """The loop: `train_step(step)` for each step from `start` (0, or a checkpoint's step)
+    to `steps`; after each step the schedule marks, `on_report(metrics, due)` with the mean of
+    each step metric since the last report and `step` (the hook adds evaluation metrics, writes
+    the checkpoint, reports). Returns the last report's metrics."""
+    sums: dict[str, float] = defaultdict(float)
+    counted = 0
+    last: dict[str, float] = {}
+    for step in range(start, steps):
+        for name, value in train_step(step).items():
+            sums[name] += value
+        counted += 1
+        due = due_after(schedule, steps, step + 1)
+        if due.report:
+            last = {name: value / counted for name, value in sums.items()}
+            last["step"] = step + 1
+            sums.clear()
+            counted = 0
+            on_report(last, due)
+    return last
+
+
 def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None, report: Reporter,
                  resume_from: str | None = None) -> dict[str, float]:
     """Train the students in `ctx.students` for `cfg.optim.steps` steps; see the module doc."""
     if cfg.resources.torch_threads:
         torch.set_num_threads(cfg.resources.torch_threads)
-    method, optim = cfg.method, cfg.optim
+    optim = cfg.optim
     train_set = build_dataset(cfg.data, cfg.data.train_split)
     val_set = build_dataset(cfg.data, cfg.data.val_split)
     info = train_set.info
     views = SeminarViews(cfg.data.crop_size, cfg.data.scale_range, cfg.data.click_radius,
                          [s.augment for s in cfg.students], seed=optim.seed)
-    students = {k: build_student(cfg, k, info.num_classes, ctx) for k in ctx.students}
+    tasks = {k: StudentTask(cfg, k, info.num_classes, ctx, exchange) for k in ctx.students}
     start = 0
     saved_look_ahead: dict[int, dict] = {}
     if resume_from:
-        for k, s in students.items():
+        for k, task in tasks.items():
             state = checkpoint.read_student(resume_from, k)
-            s.net.load_state_dict(state["student"])
-            s.teacher.module.load_state_dict(state["teacher"])
-            s.optimizer.load_state_dict(state["optimizer"]["optimizer"])
-            s.scheduler.load_state_dict(state["optimizer"]["scheduler"])
+            task.load(state)
             start = state["step"]
             if state["look_ahead"] is not None:
                 saved_look_ahead[k] = state["look_ahead"]
     if start >= optim.steps:
         return {}  # the run had already finished
 
-    # Exchanging labels only makes sense with peers and a student-student loss.
-    use_exchange = exchange is not None and cfg.num_students > 1 and method.w_ss > 0
-    need_teacher_probs = method.w_ts > 0
-
-    published: dict[int, CompactPrediction] = {}  # the latest look-ahead, kept for checkpoints
-
-    def look_ahead(step: int, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Teacher probabilities of `batch` for the hosted students; publish them to peers."""
-        weak = batch["image_weak"]
-        teacher_probs = {}
-        for k, s in students.items():
-            if need_teacher_probs or (use_exchange and method.pseudo_from == "teacher"):
-                with torch.no_grad(), ctx.autocast():
-                    teacher_probs[k] = s.teacher(weak).float().softmax(1)
-            if use_exchange:
-                if method.pseudo_from == "teacher":
-                    source = teacher_probs[k]
-                else:  # CPS-like: the peers see the student's own (current) prediction
-                    s.net.eval()
-                    with torch.no_grad(), ctx.autocast():
-                        source = s.net(weak).float().softmax(1)
-                    s.net.train()
-                published[k] = CompactPrediction.from_probs(source)
-                exchange.publish(step, k, published[k])
-        return teacher_probs
-
-    def restore_look_ahead(step: int) -> dict[int, torch.Tensor]:
-        """The look-ahead of `step` as the interrupted run made it (one EMA update older
-        than the checkpoint's teacher): a resumed run continues with the same numbers."""
-        teacher_probs = {}
-        for k, saved in saved_look_ahead.items():
-            if "teacher_probs" in saved:
-                teacher_probs[k] = saved["teacher_probs"].to(ctx.device)
-            if use_exchange:
-                published[k] = CompactPrediction(saved["label"].numpy(), saved["confidence"].numpy())
-                exchange.publish(step, k, published[k])
-        return teacher_probs
-
     # A resumed run takes its first batch's teacher predictions from the checkpoint (made
     # before its last EMA update, as an uninterrupted run would have them), so every number
     # (data, augmentation, dropout, pseudo-labels, weights) continues exactly.
-    stream = iterate_batches(
+    batches = iter(iterate_batches(
         StepBatches(train_set, views, ctx.students, optim.batch_size, ctx.replica, ctx.num_replicas,
-                    optim.seed, start, optim.steps), cfg.resources.loader_workers)
-    batch = _to_device(next(iter_ := iter(stream)), ctx.device)
-    teacher_probs = restore_look_ahead(start) if len(saved_look_ahead) == len(students) else look_ahead(start, batch)
+                    optim.seed, start, optim.steps), cfg.resources.loader_workers))
+    batch = _to_device(next(batches), ctx.device)
+    if len(saved_look_ahead) == len(tasks):
+        teacher_probs = {k: task.restore_look_ahead(start, saved_look_ahead[k]) for k, task in tasks.items()}
+    else:
+        teacher_probs = {k: task.look_ahead(start, batch["image_weak"]) for k, task in tasks.items()}
 
-    sums: dict[str, float] = defaultdict(float)
     # Click purity of the batches as trained on (crops, flips, scale), where the training
     # images have masks: in every report, so the log says how clean the supervision is.
     purity = ClickPurity(cfg.data.click_radius)
-    counted = 0
-    last: dict[str, float] = {}
     per_replica = optim.batch_size // ctx.num_replicas
-    for step in range(start, optim.steps):
+
+    def train_step(step: int) -> dict[str, float]:
+        nonlocal batch, teacher_probs
         t0, cpu0 = time.perf_counter(), time.process_time()
         next_batch = next_teacher_probs = None
-        if step + 1 < optim.steps:  # 1. look ahead
-            next_batch = _to_device(next(iter_), ctx.device)
-            next_teacher_probs = look_ahead(step + 1, next_batch)
-
-        for position, (k, s) in enumerate(students.items()):
-            pseudo_label, wait = None, 0.0
-            if use_exchange:  # 2. peers' predictions for this batch
-                t_wait = time.perf_counter()
-                peers = exchange.collect(step, k)
-                wait = time.perf_counter() - t_wait
-                pseudo_label, _ = fuse_pseudo_labels(peers, method, info.num_classes,
-                                                     batch["click_map"], batch["valid"])
-            # 3. train the student on its strong view. Dropout's randomness is keyed by
-            # (student, replica, step), so a run gives the same numbers in one process, on a
-            # cluster, and after a resume.
-            torch.manual_seed(hash((optim.seed, k, ctx.replica, step)) % 2**63)
-            s.model.train()
-            with ctx.autocast():
-                logits = s.model(batch["image_strong"][:, position]).float()
-            losses = student_losses(method, step, logits, batch, teacher_probs.get(k), pseudo_label)
-            s.optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            s.optimizer.step()
-            s.scheduler.step()
-            s.teacher.update(s.net, step)
-
-            for name, value in losses.items():
-                sums[f"s{k}/{name}"] += value.item()
-            for name, value in instruments(batch, logits, pseudo_label).items():
-                sums[f"s{k}/{name}"] += value
-            sums[f"s{k}/exchange_wait"] += wait
-
+        if step + 1 < optim.steps:  # 1. look ahead: the teachers predict the next batch
+            next_batch = _to_device(next(batches), ctx.device)
+            next_teacher_probs = {k: task.look_ahead(step + 1, next_batch["image_weak"]) for k, task in tasks.items()}
+        metrics = {}
+        for position, (k, task) in enumerate(tasks.items()):  # 2-3. the peers' labels, a step
+            for name, value in task.train_step(step, batch, position, teacher_probs[k]).items():
+                metrics[f"s{k}/{name}"] = value
         add_click_purity(purity, batch)
         step_time = time.perf_counter() - t0
         # CPU seconds of this whole process (torch's threads, Ray's): against step_time it
         # tells work done from time spent waiting for a core, a GPU or data.
         step_cpu_time = time.process_time() - cpu0
-        for k in students:
-            sums[f"s{k}/step_time"] += step_time
-            sums[f"s{k}/step_cpu_time"] += step_cpu_time
-            sums[f"s{k}/images_per_s"] += per_replica / step_time
-        counted += 1
+        for k in tasks:
+            metrics.update({f"s{k}/step_time": step_time, f"s{k}/step_cpu_time": step_cpu_time,
+                            f"s{k}/images_per_s": per_replica / step_time})
         batch, teacher_probs = next_batch, next_teacher_probs
+        return metrics
 
-        done = step + 1
-        is_eval = done % cfg.schedule.eval_every == 0 or done == optim.steps
-        is_ckpt = done % cfg.schedule.checkpoint_every == 0 or done == optim.steps
-        if done % cfg.schedule.log_every == 0 or is_eval or is_ckpt:
-            last = {name: value / counted for name, value in sums.items()}
-            last.update(step=done, epoch=done * optim.batch_size / len(train_set))
-            if purity.drawn:
-                last.update({"data/click_purity": purity.overall,
-                             **{f"data/click_purity/{c}": v for c, v in purity.per_class().items()}})
-            purity = ClickPurity(cfg.data.click_radius)
-            sums.clear()
-            counted = 0
-            if is_eval:
-                last.update(validate(cfg, students, val_set, views, info.num_classes, ctx))
-            if is_ckpt:
-                directory = tempfile.mkdtemp(prefix="seminar-ckpt-")
-                try:
-                    write_checkpoint(directory, cfg, students, info, done, last, ctx,
-                                     look_ahead_state(teacher_probs, published))
-                    report(dict(last), directory)
-                finally:
-                    shutil.rmtree(directory, ignore_errors=True)
-            else:
-                report(dict(last), None)
-    return last
+    def on_report(metrics: dict[str, float], due: Due) -> None:
+        nonlocal purity
+        metrics["epoch"] = metrics["step"] * optim.batch_size / len(train_set)
+        if purity.drawn:
+            metrics.update({"data/click_purity": purity.overall,
+                            **{f"data/click_purity/{c}": v for c, v in purity.per_class().items()}})
+        purity = ClickPurity(cfg.data.click_radius)
+        if due.evaluate:
+            metrics.update(validate(cfg, tasks, val_set, views, info.num_classes, ctx))
+        if not due.checkpoint:
+            report(dict(metrics), None)
+            return
+        directory = tempfile.mkdtemp(prefix="seminar-ckpt-")
+        try:
+            write_checkpoint(directory, cfg, tasks, info, int(metrics["step"]), metrics, ctx,
+                             look_ahead_state(teacher_probs, tasks))
+            report(dict(metrics), directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    return run_schedule(cfg.schedule, optim.steps, start, train_step, on_report)
 
 
 def add_click_purity(purity: ClickPurity, batch: dict[str, torch.Tensor]) -> None:
@@ -349,7 +383,7 @@ def instruments(batch: dict[str, torch.Tensor], logits: torch.Tensor,
     return out
 
 
-def validate(cfg: TrainConfig, students: dict[int, Student], val_set, views: SeminarViews, num_classes: int,
+def validate(cfg: TrainConfig, students: dict[int, StudentTask], val_set, views: SeminarViews, num_classes: int,
              ctx: WorkerContext) -> dict[str, float]:
     """Every hosted student's and teacher's val mIoU and per-class IoU (and, with every
     student here, their teachers' ensemble's); then the served network's as `val/...`."""
@@ -401,18 +435,21 @@ def served_network(cfg: TrainConfig, metrics: dict[str, float]) -> str:
     return max(scored, key=lambda c: metrics[served_metric(c)]) if scored else "teacher_0"
 
 
-def look_ahead_state(teacher_probs: dict[int, torch.Tensor] | None,
-                     published: dict[int, CompactPrediction]) -> dict[int, dict[str, torch.Tensor]]:
+def look_ahead_state(teacher_probs: dict[int, torch.Tensor | None] | None,
+                     tasks: dict[int, StudentTask]) -> dict[int, dict[str, torch.Tensor]]:
     """What the look-ahead made for the next step, per student, as tensors for a checkpoint."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for k, probs in (teacher_probs or {}).items():
-        state.setdefault(k, {})["teacher_probs"] = probs.cpu()
-    for k, pred in published.items():
-        state.setdefault(k, {}).update(label=torch.from_numpy(pred.label), confidence=torch.from_numpy(pred.confidence))
+        if probs is not None:
+            state.setdefault(k, {})["teacher_probs"] = probs.cpu()
+    for k, task in tasks.items():
+        if task.published is not None:
+            state.setdefault(k, {}).update(label=torch.from_numpy(task.published.label),
+                                           confidence=torch.from_numpy(task.published.confidence))
     return state
 
 
-def write_checkpoint(directory: str, cfg: TrainConfig, students: dict[int, Student], info, step: int,
+def write_checkpoint(directory: str, cfg: TrainConfig, students: dict[int, StudentTask], info, step: int,
                      metrics: dict[str, float], ctx: WorkerContext,
                      look_ahead: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
     if ctx.replica != 0:
@@ -431,6 +468,6 @@ def write_initial_checkpoint(directory: str, cfg: TrainConfig, metrics: dict[str
     a servable model without training, for tests and benchmarks."""
     info = build_dataset(cfg.data, cfg.data.train_split).info
     ctx = WorkerContext(students=list(range(cfg.num_students)))
-    students = {k: build_student(cfg, k, info.num_classes, ctx) for k in ctx.students}
+    students = {k: StudentTask(cfg, k, info.num_classes, ctx) for k in ctx.students}
     write_checkpoint(directory, cfg, students, info, 0, metrics or {}, ctx)
     return directory

@@ -53,22 +53,28 @@ class RunLog:
 
     def __init__(self, run_dir: str, tensorboard: bool = False):
         self.run_dir = run_dir.rstrip("/")
-        self.writer = self.events = None
+        self.events = self.writer = None
         if tensorboard:
-            from tensorboardX import SummaryWriter  # comes with ray[train]
+            # tensorboardX (a ray[train] dependency); its synchronous writer, so that each
+            # report is in the file when the report returns (SummaryWriter queues to a thread).
+            from tensorboardX.event_file_writer import EventsWriter
 
             self.events = (tempfile.mkdtemp(prefix="seminar-tensorboard-") if storage.is_s3(self.run_dir)
                            else f"{self.run_dir}/{TENSORBOARD}")
-            self.writer = SummaryWriter(self.events)
+            Path(self.events).mkdir(parents=True, exist_ok=True)
+            self.writer = EventsWriter(f"{self.events}/events")
 
     def append(self, metrics: dict[str, float]) -> None:
         append_history(self.run_dir, metrics)
         if self.writer is None:
             return
-        step = int(metrics["step"])
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        step, now = int(metrics["step"]), time.time()
         for name, value in metrics.items():
             if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(name, value, step)
+                self.writer.write_event(Event(wall_time=now, step=step, summary=scalar(name, value)))
         self.writer.flush()
         if storage.is_s3(self.run_dir):
             storage.upload_dir(self.events, f"{self.run_dir}/{TENSORBOARD}")

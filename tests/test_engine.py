@@ -132,6 +132,14 @@ def test_cli_train_then_evaluate(tmp_path):
     assert out.exit_code == 0, out.output
     assert "mIoU" in out.output and "background" in out.output
     assert grid.stat().st_size > 1000
+    # 2 rows of 3 in at 80 dpi, 12 in wide, and above them a legend band with every class's swatch
+    from PIL import Image
+
+    picture = np.asarray(Image.open(grid).convert("RGB"))
+    assert picture.shape[1] == 960 and picture.shape[0] > 2 * 3 * 80, picture.shape
+    band = picture[: picture.shape[0] - 2 * 3 * 80]
+    for colour in Segmenter.load(ckpt).palette:
+        assert (band == colour).all(-1).sum() > 20, colour
     # the run directory names its latest complete checkpoint (a half-written newer one is skipped)
     run_dir = Path(ckpt).parent.parent
     (run_dir / "checkpoints" / "step_9999999" / "student_0").mkdir(parents=True)
@@ -162,7 +170,7 @@ def test_cli_rejects_a_bad_spec_before_training(tmp_path):
 def test_bf16_autocast_and_channels_last_train_on_the_cpu(tmp_path):
     """The GPU switches (resources.precision, resources.channels_last) run on the CPU too:
     the in-process run trains, its losses are finite, weights stay fp32 in channels-last."""
-    from seminar.engine import build_student
+    from seminar.engine import StudentTask
 
     cfg = tiny_spec(tmp_path, "optim.steps=2", "resources.precision=bf16", "resources.channels_last=true",
                     "resources.device=cpu")
@@ -170,7 +178,7 @@ def test_bf16_autocast_and_channels_last_train_on_the_cpu(tmp_path):
     history = [json.loads(line) for line in (tmp_path / result.run_name / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == 2 and all(np.isfinite(history[-1][f"s{k}/loss"]) for k in range(2))
     ctx = WorkerContext(students=[0], precision="bf16", channels_last=True)
-    student = build_student(cfg, 0, 4, ctx)
+    student = StudentTask(cfg, 0, 4, ctx)
     convs = [m.weight for m in student.net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
     assert all(w.dtype == torch.float32 and w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     with ctx.autocast():
@@ -222,3 +230,46 @@ def test_tensorboard_scalars_beside_the_history(where, tmp_path, request):
     assert sorted(scalars["s1/loss_sup"]) == [h["step"] for h in history] == [2, 4]
     assert scalars["s1/loss_sup"][4] == pytest.approx(history[-1]["s1/loss_sup"], rel=1e-6)
     assert scalars["val/miou"] == {4: pytest.approx(history[-1]["val/miou"], rel=1e-6)}
+
+
+def test_schedule_reports_evaluates_checkpoints_and_resumes_on_time():
+    """The loop alone, with a trivial model (one weight fitted by SGD): reports every
+    log_every steps and at each evaluation and checkpoint, the mean of the step metrics since
+    the last report; evaluations and checkpoints on their own periods and at the last step;
+    a resume from a checkpoint's step continues the same schedule."""
+    from seminar.config import ScheduleConfig
+    from seminar.engine import run_schedule
+
+    schedule = ScheduleConfig(log_every=3, eval_every=4, checkpoint_every=5)
+
+    def run_from(start: int, weight: float):
+        model = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.constant_(model.weight, weight)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+        seen = []
+
+        def train_step(step):
+            loss = (model(torch.ones(1, 1)) - 2.0).pow(2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return {"loss": loss.item(), "index": float(step)}
+
+        def on_report(metrics, due):
+            if due.evaluate:
+                metrics["val"] = model.weight.item()
+            seen.append((metrics["step"], due.evaluate, due.checkpoint, metrics["index"], model.weight.item()))
+
+        last = run_schedule(schedule, 10, start, train_step, on_report)
+        return seen, last
+
+    seen, last = run_from(0, 0.0)
+    assert [s[0] for s in seen] == [3, 4, 5, 6, 8, 9, 10]
+    assert [s[0] for s in seen if s[1]] == [4, 8, 10] and [s[0] for s in seen if s[2]] == [5, 10]
+    # each report averages the steps since the previous one (step indices 0-2, then 3, 4, 5, 6-7, 8, 9)
+    assert [s[3] for s in seen] == [1.0, 3.0, 4.0, 5.0, 6.5, 8.0, 9.0]
+    assert last["step"] == 10 and last["val"] == pytest.approx(2.0, abs=0.05)  # the model learnt
+    # resumed at the step-5 checkpoint with its weight: the same reports, the same weights
+    resumed, _ = run_from(5, seen[2][4])
+    assert resumed == [s for s in seen if s[0] > 5]
+    assert run_schedule(schedule, 10, 10, lambda step: pytest.fail("a finished run trains"), None) == {}
