@@ -27,7 +27,7 @@ import torch
 from seminar.config import TrainConfig
 from seminar.data import build_dataset
 from seminar.data.transforms import SeminarViews
-from seminar.engine import WorkerContext, build_student
+from seminar.engine import StudentTask, WorkerContext
 from seminar.exchange import CompactPrediction
 from seminar.method import fuse_pseudo_labels, student_losses
 
@@ -57,9 +57,9 @@ def main() -> None:
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
     ctx = WorkerContext(students=[0])
     n = dataset.info.num_classes
-    plain = build_student(cfg, 0, n, ctx)
-    seminar = build_student(cfg, 0, n, ctx)
-    peer = build_student(cfg, 1, n, ctx)
+    plain = StudentTask(cfg, 0, n, ctx)
+    seminar = StudentTask(cfg, 0, n, ctx)
+    peer = StudentTask(cfg, 1, n, ctx)
     with torch.no_grad():
         peer_pred = CompactPrediction.from_probs(peer.teacher(batch["image_weak"]).softmax(1))
 
