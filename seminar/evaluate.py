@@ -51,35 +51,63 @@ def colorize(labels: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndar
     return lut[labels]
 
 
+def image_miou(mask: np.ndarray, label: np.ndarray, num_classes: int) -> float:
+    """One image's mIoU: the mean IoU over the classes in its ground truth or prediction."""
+    matrix = ConfusionMatrix(num_classes)
+    matrix.update(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
+    return matrix.miou()
+
+
 def save_grid(segmenter: Segmenter, data: DataConfig, split: str, path: str | Path, count: int) -> Path:
-    """A PNG with one row per sample: image | clicks | prediction | ground truth."""
+    """A PNG with a class legend on top and one row per sample: image | clicks | prediction
+    (titled with that image's mIoU) | ground truth."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     dataset = build_dataset(data, split)
     count = min(count, len(dataset))
-    fig, axes = plt.subplots(count, 4, figsize=(12, 3 * count), squeeze=False)
-    for row, i in enumerate(np.linspace(0, len(dataset) - 1, count).astype(int)):
+    num_classes = len(segmenter.classes)
+    rows = []
+    for i in np.linspace(0, len(dataset) - 1, count).astype(int):
         sample = dataset.load(int(i))  # the original photo, as the endpoint would get it
         label, _ = segmenter.segment(sample.image)
         # its clicks as training drew them (at data.load_scale), back in original pixels
         clicks = dataset.at_scale(int(i), sample).clicks.copy()
         clicks[:, :2] = (clicks[:, :2] + 0.5) / data.load_scale - 0.5
+        rows.append((sample, label, clicks))
+    # white in a ground truth panel is IGNORE_INDEX or no mask at all (colorize): say so when
+    # shown, or it reads as a class
+    unlabelled = any(s.mask is None or (s.mask == IGNORE_INDEX).any() for s, _, _ in rows)
+    swatches = [Patch(facecolor=np.array(colour) / 255.0, edgecolor="black", linewidth=0.5, label=name)
+                for name, colour in zip(segmenter.classes, segmenter.palette)]
+    if unlabelled:
+        swatches.append(Patch(facecolor="white", edgecolor="black", linewidth=0.5, label="ignored / no label"))
+
+    # Constrained layout gives the legend its own band above the rows (never over a panel)
+    # and keeps each title clear of the row above; the figure grows by that band.
+    legend_columns = min(len(swatches), 6)
+    legend_height = 0.2 + 0.2 * -(-len(swatches) // legend_columns)
+    fig, axes = plt.subplots(count, 4, figsize=(12, 3 * count + legend_height), squeeze=False, layout="constrained")
+    for row, (sample, label, clicks) in enumerate(rows):
+        prediction = "prediction"
+        if sample.mask is not None:
+            prediction += f", mIoU {image_miou(sample.mask, label, num_classes):.2f}"
         panels = [("image", sample.image), ("clicks", sample.image),
-                  ("prediction", colorize(label, segmenter.palette)),
+                  (prediction, colorize(label, segmenter.palette)),
                   ("ground truth", colorize(sample.mask, segmenter.palette) if sample.mask is not None
                    else np.full_like(sample.image, 255))]
         for col, (title, picture) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(picture)
             ax.set_axis_off()
-            ax.set_title(f"{sample.image_id}: {title}" if col == 0 else title, fontsize=8)
+            ax.set_title(f"{sample.image_id}: {title}" if col == 0 else title, fontsize=9)
         if len(clicks):
             colours = np.array(segmenter.palette)[clicks[:, 2].astype(int)] / 255.0
             axes[row, 1].scatter(clicks[:, 0], clicks[:, 1], c=colours, s=40, edgecolors="white")
-    fig.tight_layout()
+    fig.legend(handles=swatches, loc="outside upper center", ncol=legend_columns, fontsize=9, frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

@@ -597,9 +597,35 @@ def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
         time.sleep(0.2)
     status = page.evaluate("document.getElementById('status').textContent")
     assert page.evaluate("document.body.dataset.state") == "done", status
-    assert page.evaluate("document.getElementById('overlay').naturalWidth") == 320
+    # the input and the segmentation side by side, both at the picture's own size
+    assert page.evaluate("document.getElementById('input').naturalWidth") == 320
+    assert page.evaluate("[document.getElementById('overlay').width, document.getElementById('overlay').height]") \
+        == [320, 240]
+    left, right = page.evaluate("['input', 'overlay'].map(id => document.getElementById(id).getBoundingClientRect())"
+                                ".map(r => [r.left, r.right, r.top, r.width])")
+    assert left[1] <= right[0] and abs(left[2] - right[2]) < 2 and left[3] > 100, (left, right)
+    # the legend: each class present, with its share of the answer's pixels
+    answer = post_image(server, picture.read_bytes(), fmt="json").json()
+    expected = {c["name"]: 100 * c["fraction"] for c in answer["classes"]}
     legend = page.evaluate("[...document.querySelectorAll('#legend li')].map(li => li.textContent)")
-    assert legend and set(legend) <= {"background (not painted)", "disk_1", "square_2", "triangle_3"}
+    shares = {}
+    for item in legend:
+        match = re.fullmatch(r"(\w+) (\d+\.\d|<0\.1)%( \(not painted\))?", item)
+        assert match and (match[3] is not None) == (match[1] == "background"), legend
+        shares[match[1]] = 0.05 if match[2] == "<0.1" else float(match[2])
+    assert shares.keys() == expected.keys() and all(abs(shares[k] - expected[k]) <= 0.051 for k in shares), \
+        (legend, expected)
+    # "Download label PNG": the label map the endpoint answers, as a file the browser saves
+    href, filename = page.evaluate("(link => [link.href, link.download])(document.getElementById('download'))")
+    assert href.startswith("blob:") and filename == "shapes-labels.png", (href, filename)
+    saved = page.evaluate(f"fetch('{href}').then(r => r.blob()).then(b => new Promise(done => {{"
+                          "const reader = new FileReader(); reader.onload = () => done(reader.result); "
+                          "reader.readAsDataURL(b); }))")
+    assert saved.startswith("data:image/png;base64,"), saved[:40]
+    label_map = Image.open(io.BytesIO(base64.b64decode(saved.split(",", 1)[1])))
+    assert label_map.mode == "P" and label_map.size == (320, 240)
+    direct = np.asarray(Image.open(io.BytesIO(post_image(server, picture.read_bytes()).content)))
+    assert agreement(np.asarray(label_map), direct) > 0.999
     dots = page.evaluate("document.querySelectorAll('.suggestion').length")
     if app == "committee_server":  # where to click next, drawn over the overlay
         assert dots == 1 and "1 suggested clicks" in status
@@ -626,7 +652,9 @@ def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
         assert dots == 0 and "suggested" not in status
         assert "shapes/1" in page.evaluate("document.getElementById('model').textContent")
 
-    shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
+    width, height = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+    shot = base64.b64decode(page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                                      clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})["data"])
     screenshot = Path(os.environ.get("SEMINAR_SCREENSHOT_DIR", tmp_path)) / f"serving-web-page-{app}.png"
     screenshot.write_bytes(shot)
     assert Image.open(screenshot).size[0] > 0
