@@ -13,6 +13,7 @@ Ctrl-C; with --address it deploys onto that cluster (add --detach to leave it ru
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -136,6 +137,11 @@ def serve_command(
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+
+    def stop(signum, frame):  # SIGTERM (a service manager, `kill`) stops it as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         serve.start(http_options={"host": host, "port": port})
         args = ServeArgs(model=model, which=which, registry=registry, serving=cfg)
@@ -144,7 +150,7 @@ def serve_command(
         console.print(f"serving [bold]{resolved.version}[/] at {url}  (POST {url}v1/segment, page at {url})", soft_wrap=True)
         if detach:
             return
-        console.print("Ctrl-C to stop")
+        console.print("Ctrl-C (or SIGTERM) to stop")
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import requests
 from PIL import Image
 
@@ -46,7 +47,8 @@ class OutputReader(threading.Thread):
             time.sleep(0.2)
 
 
-def test_seminar_serve_command(ray_session, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_seminar_serve_command(ray_session, tmp_path, stop):
     from ray import serve
 
     checkpoint = make_checkpoint(tmp_path / "checkpoint")
@@ -67,7 +69,7 @@ def test_seminar_serve_command(ray_session, tmp_path):
         assert Image.open(io.BytesIO(answer.content)).size == (60, 40)
         assert requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()["inference"]["infer_size"] == 64
     finally:
-        process.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down
+        process.send_signal(stop)  # Ctrl-C or SIGTERM: the command shuts Serve down
         try:
             process.wait(timeout=120)
         except subprocess.TimeoutExpired:
