@@ -645,6 +645,11 @@ def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
             time.sleep(0.2)
         status = page.evaluate("document.getElementById('status').textContent")
         assert "stored a square_2 click" in status, status
+        # the paint bucket: the clicked region now shows the click's class, the legend follows
+        centre = page.evaluate("shown.labels[120 * shown.width + 160]")
+        repainted = int(re.search(r"its region \((\d+) pixels\) repainted as square_2", status)[1])
+        legend = page.evaluate("[...document.querySelectorAll('#legend li')].map(li => li.textContent)")
+        assert centre == 2 and repainted > 0 and any(item.startswith("square_2 ") for item in legend), (status, legend)
         rows = load_clicks(str(clicks_store)).to_pylist()[before:]
         assert [(r["image_id"], r["cls"], r["source"]) for r in rows] == [("shapes", 2, "user")]
         assert abs(rows[0]["x"] - 160) <= 2 and abs(rows[0]["y"] - 120) <= 2
