@@ -44,7 +44,8 @@ from seminar import checkpoint, storage
 from seminar.config import TrainConfig
 from seminar.exchange import InProcessExchange
 from seminar.progress import Progress, follow_history
-from seminar.runs import RunLog, new_run_name, read_history
+from seminar.history import RunLog, read_history
+from seminar.runs import new_run_name
 
 from .exchange import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
 from .metrics import TrainMetrics

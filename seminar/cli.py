@@ -138,7 +138,8 @@ def runs_show(run: str = typer.Argument(..., help="run name under --path, or a r
               path: str = typer.Option("runs", "--path", help=PATH_HELP)) -> None:
     """A run's spec, status, last metrics and checkpoints."""
     from .checkpoint import META
-    from .runs import HISTORY, read_run
+    from .history import HISTORY
+    from .runs import read_run
 
     info = read_run(_run_directory(run, path))
     if not info.checkpoint and not info.history:

@@ -21,6 +21,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 from .config import TrainConfig
+from .history import read_history
 
 
 class Progress:
@@ -95,8 +96,6 @@ class Progress:
 def follow_history(run_dir: str, progress: Progress, poll_s: float = 2.0) -> Iterator[None]:
     """Feed `progress` the reports appended to a run's `metrics.jsonl` while the block runs
     (a Ray run: rank 0 writes it), and the last ones when it ends."""
-    from .runs import read_history  # runs imports this module
-
     stop = threading.Event()
 
     def poll() -> None:

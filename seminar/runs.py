@@ -6,12 +6,9 @@ Ray driver (`cluster.trainer.run_training`) runs the same `train_worker` on a cl
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,74 +21,8 @@ from . import checkpoint, storage
 from .config import SpecError, TrainConfig
 from .engine import WorkerContext, train_worker
 from .exchange import InProcessExchange
+from .history import RunLog, read_history
 from .progress import Progress
-
-# Every report of a run, one JSON object a line, beside its checkpoints (written by one
-# process: the in-process driver, or rank 0 on Ray).
-HISTORY = "metrics.jsonl"
-TENSORBOARD = "tensorboard"
-
-
-def append_history(run_dir: str, metrics: dict[str, float]) -> None:
-    """Add one report to `<run_dir>/metrics.jsonl`: appended locally, rewritten on S3 (an
-    object cannot be appended to; the file is small)."""
-    uri = f"{run_dir.rstrip('/')}/{HISTORY}"
-    line = (json.dumps(metrics) + "\n").encode()
-    if storage.is_s3(uri):
-        storage.write_bytes(uri, (storage.read_bytes(uri) if storage.exists(uri) else b"") + line)
-    else:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        with open(uri, "ab") as f:
-            f.write(line)
-
-
-class RunLog:
-    """A run's history, written by one process (the in-process driver, or rank 0 on Ray):
-    every report appended to `metrics.jsonl` and, with `storage.tensorboard`, written as
-    TensorBoard scalars under `<run>/tensorboard` (made locally, copied after each report
-    when the run is on S3)."""
-
-    def __init__(self, run_dir: str, tensorboard: bool = False):
-        self.run_dir = run_dir.rstrip("/")
-        self.events = self.writer = None
-        if tensorboard:
-            # tensorboardX (a ray[train] dependency); its synchronous writer, so that each
-            # report is in the file when the report returns (SummaryWriter queues to a thread).
-            from tensorboardX.event_file_writer import EventsWriter
-
-            self.events = (tempfile.mkdtemp(prefix="seminar-tensorboard-") if storage.is_s3(self.run_dir)
-                           else f"{self.run_dir}/{TENSORBOARD}")
-            Path(self.events).mkdir(parents=True, exist_ok=True)
-            self.writer = EventsWriter(f"{self.events}/events")
-
-    def append(self, metrics: dict[str, float]) -> None:
-        append_history(self.run_dir, metrics)
-        if self.writer is None:
-            return
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.summary import scalar
-
-        step, now = int(metrics["step"]), time.time()
-        for name, value in metrics.items():
-            if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.write_event(Event(wall_time=now, step=step, summary=scalar(name, value)))
-        self.writer.flush()
-        if storage.is_s3(self.run_dir):
-            storage.upload_dir(self.events, f"{self.run_dir}/{TENSORBOARD}")
-
-
-def read_history(run_dir: str) -> list[dict[str, float]]:
-    """A run's reports in step order; a step reported again after a resume keeps its last report."""
-    uri = f"{run_dir.rstrip('/')}/{HISTORY}"
-    if not storage.exists(uri):
-        return []
-    by_step: dict[int, dict] = {}
-    for line in storage.read_bytes(uri).decode().splitlines():
-        if line.strip():
-            report = json.loads(line)
-            by_step[int(report.get("step", 0))] = report
-    return [by_step[k] for k in sorted(by_step)]
-
 
 def new_run_name() -> str:
     return f"seminar-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"

@@ -30,7 +30,7 @@ from seminar import checkpoint, storage
 from seminar.config import load_spec
 from seminar.engine import write_initial_checkpoint
 from seminar.exchange import CompactPrediction, InProcessExchange
-from seminar.runs import read_history
+from seminar.history import read_history
 
 TINY = [
     "data.synthetic.image_size=32", "data.crop_size=[32,32]", "data.synthetic.num_train=16",

@@ -216,7 +216,7 @@ def test_tensorboard_scalars_beside_the_history(where, tmp_path, request):
     """storage.tensorboard: every report's metrics as TensorBoard scalars in <run>/tensorboard,
     the same numbers as metrics.jsonl, locally and on S3."""
     from seminar import storage
-    from seminar.runs import read_history
+    from seminar.history import read_history
 
     runs = f"s3://{request.getfixturevalue('s3_bucket')}/runs" if where == "s3" else str(tmp_path)
     cfg = tiny_spec(runs, "optim.steps=4", "schedule.log_every=2", "schedule.eval_every=4",
