@@ -32,6 +32,7 @@ serve_and_ask() {
     curl -sf -w " POST /v1/clicks: %{http_code}\n" -H "Content-Type: application/json" \
       -d '{"image_id": "2007_000033", "width": 500, "height": 366, "clicks": [{"x": 10, "y": 10, "cls": 0}]}' \
       "$url/v1/clicks"
+    curl -sf -w " GET /label-studio/health: %{http_code}\n" "$url/label-studio/health"
   fi
   kill -TERM $pid  # a script's background job ignores SIGINT (Ctrl-C), as shells do
   wait $pid  # exit 0 once Serve and Ray are shut down

@@ -306,6 +306,9 @@ class ServingConfig(Strict):
     clicks_store: str | None = Field(None, description="a folder or s3:// prefix where POST /v1/clicks (and the "
                                      "page) store correction clicks as Parquet parts, for data.clicks or "
                                      "data.extra_clicks of the next training run; None = not collected")
+    label_studio_url: str | None = Field(None, description="Label Studio's address (http://host:8080), for task "
+                                         "images given as its own paths (/data/upload/...); the API key is read from "
+                                         "LABEL_STUDIO_API_KEY in the replica's environment (serving.label_studio)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica, of either runtime "
                                                              "(None = all cores)")
     num_cpus: float = Field(1, ge=0, description="logical CPUs a replica reserves")

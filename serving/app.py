@@ -8,6 +8,7 @@ A replica loads the checkpoint, runs one warm-up forward, and then answers
     GET  /v1/model                             classes, palette, version, metrics, click source
     GET  /healthz   GET /readyz                alive / weights loaded and warm-up done
     GET  /                                     a page to try it in a browser
+    /label-studio/{health,setup,predict,webhook}  Label Studio's ML backend (serving.label_studio)
 
 Every answer carries `X-Model-Version`; segmentations also `X-Classes-Present` (class ids),
 with `serving.suggest_clicks` > 0 `X-Disagreement` (the teachers' mean disagreement) and
@@ -67,11 +68,12 @@ from serving.imaging import (
     overlay_png,
     segmentation_json,
 )
+from serving import label_studio
 from serving.metrics import ServingMetrics
 from serving.model_uri import resolve_model_uri
 
 WEB_PAGE = Path(__file__).parent / "index.html"
-ROUTES = ("/", "/healthz", "/readyz", "/v1/model", "/v1/segment", "/v1/clicks")
+ROUTES = ("/", "/healthz", "/readyz", "/v1/model", "/v1/segment", "/v1/clicks", *label_studio.ROUTES)
 CLICKS_MAX_BYTES = 2**20  # a POST /v1/clicks body
 # Room for the multipart envelope around an image of max_bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -245,8 +247,17 @@ class SegmentationService:
         finally:
             self.in_flight -= 1
 
-    async def _segment(self, data: bytes, fmt: OutputFormat, alpha: float | None) -> Response:
-        start = time.perf_counter()
+    async def labels(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """An image's label map and confidence at its own size (Label Studio's /predict)."""
+        self.in_flight += 1
+        try:
+            image, inferred, _ = await self._infer_image(data)
+        finally:
+            self.in_flight -= 1
+        return await asyncio.to_thread(restore_size, inferred.probs, *image.shape[:2])
+
+    async def _infer_image(self, data: bytes) -> tuple[np.ndarray, Inferred, float]:
+        """(decoded image, its share of a batched forward, when decoding ended)."""
         image, tensor = await asyncio.to_thread(self._prepare, data)
         decoded = time.perf_counter()
         # Serve's batcher closes a batch after the timeout even while the previous forward is
@@ -257,6 +268,11 @@ class SegmentationService:
         # request goes straight to the forward instead of waiting out the timeout for nobody.
         self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s if self.in_flight > 1 else 0.0)
         inferred = await self.infer(QueuedImage(tensor, self.budget))
+        return image, inferred, decoded
+
+    async def _segment(self, data: bytes, fmt: OutputFormat, alpha: float | None) -> Response:
+        start = time.perf_counter()
+        image, inferred, decoded = await self._infer_image(data)
         answered = time.perf_counter()
         alpha = self.cfg.overlay_alpha if alpha is None else alpha
         response = await asyncio.to_thread(self._answer, image, inferred, fmt, alpha)
@@ -286,10 +302,13 @@ class SegmentationService:
             if click.x > batch.width - 1 or click.y > batch.height - 1:
                 raise InputError(422, "invalid_click", f"clicks.{i}: ({click.x:g}, {click.y:g}) is outside the "
                                                        f"{batch.width}x{batch.height} image")
-        n = len(batch.clicks)
-        table = make_click_table([batch.image_id] * n, [c.x for c in batch.clicks], [c.y for c in batch.clicks],
-                                 [c.cls for c in batch.clicks], [1] * n, "user")
-        return append_clicks(self.cfg.clicks_store, table), n
+        return self.write_clicks(batch.image_id, [(c.x, c.y, c.cls) for c in batch.clicks]), len(batch.clicks)
+
+    def write_clicks(self, image_id: str, clicks: list[tuple[float, float, int]]) -> str:
+        """Append one image's checked (x, y, class) clicks to serving.clicks_store: the part written."""
+        x, y, cls = zip(*clicks)
+        table = make_click_table([image_id] * len(clicks), x, y, cls, [1] * len(clicks), "user")
+        return append_clicks(self.cfg.clicks_store, table)
 
     def describe(self) -> dict:
         meta = self.segmenter.metadata
@@ -468,6 +487,7 @@ def build_http_app(service: SegmentationService) -> FastAPI:
         part = await asyncio.to_thread(service.store_clicks, data)
         return JSONResponse({"stored": part[1], "part": part[0]}, status_code=201)
 
+    label_studio.add_routes(app, service)
     return app
 
 

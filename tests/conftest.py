@@ -8,6 +8,8 @@ server starts first so that every Ray process inherits its endpoint and credenti
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import secrets
 import shutil
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +68,37 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 class S3Server:
     endpoint: str
     process: subprocess.Popen
+
+
+@contextlib.contextmanager
+def file_server(files: dict[str, bytes], token: str | None = None):
+    """A stand-in for Label Studio's file server on loopback: serves `files` (path -> bytes) to
+    requests carrying `Authorization: Token <token>` (any, when token is None); yields (base URL,
+    the headers of every request)."""
+    seen: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(dict(self.headers))
+            status = 401 if token and self.headers.get("Authorization") != f"Token {token}" else (
+                200 if self.path in files else 404)
+            self.send_response(status)
+            body = files[self.path] if status == 200 else b""
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="session")

@@ -150,6 +150,25 @@ def test_camvid_void_becomes_ignore_and_clicks_are_simulated():
     assert build_dataset(DataConfig(dataset="camvid", root=str(CAMVID)), "val").image_ids == ["0016E5_07959"]
 
 
+def test_camvid_extra_clicks_add_to_the_simulated_ones_and_a_click_table_replaces_them(tmp_path):
+    # a correction in original pixels (480x360) on a train image; the val image is known too
+    extra = tmp_path / "corrections.parquet"
+    write_click_table(make_click_table(["0001TP_006690", "0016E5_07959"], [101.0, 5.0], [51.0, 5.0], [3, 0], [1, 1],
+                                       source="user"), str(extra))
+    scale = dict(dataset="camvid", root=str(CAMVID), load_scale=0.5)
+    simulated = build_dataset(DataConfig(**scale), "train")[0].clicks
+    both = build_dataset(DataConfig(**scale, extra_clicks=[str(extra)]), "train")
+    assert both.info.click_source == "simulated+user"
+    assert np.array_equal(both[0].clicks[:-1], simulated)
+    assert np.allclose(both[0].clicks[-1], [50.25, 25.25, 3])  # pixel centres: (101 + 0.5) / 2 - 0.5
+    only = build_dataset(DataConfig(**scale, clicks=str(extra)), "train")
+    assert only.info.click_source == "user" and len(only[0].clicks) == 1 and len(only[1].clicks) == 0
+    unknown = tmp_path / "unknown.parquet"
+    write_click_table(make_click_table(["no_such_image"], [1.0], [1.0], [0], [1], source="user"), str(unknown))
+    with pytest.raises(ClickFileError, match="no_such_image"):
+        build_dataset(DataConfig(**scale, extra_clicks=[str(unknown)]), "train")
+
+
 def test_synthetic_is_deterministic_and_splits_differ():
     cfg = DataConfig(synthetic={"num_train": 4, "num_val": 2, "image_size": 64, "num_classes": 5})
     a, b = build_dataset(cfg, "train")[3], build_dataset(cfg, "train")[3]

@@ -26,7 +26,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import free_port, wait_for_port
+from conftest import file_server, free_port, wait_for_port
 from test_serving_units import encode, make_checkpoint
 
 INFER_SIZE = 64
@@ -92,8 +92,19 @@ def clicks_store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("clicks") / "store"
 
 
+LABEL_STUDIO_IMAGE = "/data/upload/3/0a1b2c3d-street_07.png"  # as Label Studio names an upload
+
+
 @pytest.fixture(scope="module")
-def committee_server(server, clicks_store, tmp_path_factory):
+def label_studio_files():
+    """Label Studio's file server, as far as the ML backend sees it: (base URL, the image's bytes)."""
+    image = encode(synthetic_image(7, height=48, width=64))
+    with file_server({LABEL_STUDIO_IMAGE: image}) as (url, _):
+        yield url, image
+
+
+@pytest.fixture(scope="module")
+def committee_server(server, clicks_store, label_studio_files, tmp_path_factory):
     """A second app on the same Serve: two students whose teachers are each sure of a different
     class (1 and 2, by their classifier biases), serving.suggest_clicks=3."""
     import torch
@@ -113,7 +124,8 @@ def committee_server(server, clicks_store, tmp_path_factory):
         torch.save(weights, path)
     # eager PyTorch here (the other app runs ONNX Runtime): both runtimes behind the endpoint
     serving = ServingConfig(infer_size=INFER_SIZE, num_replicas=1, torch_threads=1, suggest_clicks=3,
-                            batch_pixel_budget=8 * 64 * 64, clicks_store=str(clicks_store), runtime="torch")
+                            batch_pixel_budget=8 * 64 * 64, clicks_store=str(clicks_store), runtime="torch",
+                            label_studio_url=label_studio_files[0])
     serve.run(build_app(ServeArgs(model=checkpoint, which="teacher_ensemble", serving=serving)),
               name="committee-test", route_prefix="/committee")
     yield f"{server}/committee"
@@ -158,6 +170,74 @@ def test_correction_clicks_are_stored_for_the_next_run(committee_server, server,
     not_collected = post_clicks(server, body)
     assert not_collected.status_code == 404 and not_collected.json()["error"] == "clicks_not_collected"
     assert requests.get(f"{committee_server}/v1/model", timeout=30).json()["clicks"] == {"collected": True}
+
+
+def test_label_studio_backend_round_trip(committee_server, label_studio_files, clicks_store):
+    """Label Studio's calls as its ML backend SDK makes them: health, setup, predict (brush
+    masks equal to the endpoint's own label map), webhook (key points stored as clicks)."""
+    from seminar.data.clicks import load_clicks
+    from serving.label_studio import brush_rle
+
+    base, (files_url, image) = f"{committee_server}/label-studio", label_studio_files
+    config = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+              '<Label value="Disk_1"/><Label value="square_2"/><Label value="Road"/></BrushLabels>'
+              '<KeyPointLabels name="kp" toName="image"><Label value="disk_1"/></KeyPointLabels></View>')
+    health = requests.get(f"{base}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "UP"
+    version = health.json()["model_version"]
+    setup = requests.post(f"{base}/setup", json={"project": "3.1700000000", "schema": config, "hostname": files_url,
+                                                 "access_token": ""}, timeout=30)
+    assert setup.status_code == 200 and setup.json() == {"model_version": version}
+
+    tasks = [{"id": 1, "data": {"image": LABEL_STUDIO_IMAGE}},  # Label Studio's path: from label_studio_url
+             {"id": 2, "data": {"image": files_url + LABEL_STUDIO_IMAGE}}]
+    answer = requests.post(f"{base}/predict", json={"tasks": tasks, "label_config": config, "project": "3.1",
+                                                    "params": {"context": None}}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    first, second = answer.json()["results"]
+    assert first == second and first["model_version"] == version and 0 < first["score"] <= 1
+    labels = np.array(Image.open(io.BytesIO(post_image(committee_server, image).content)))
+    regions = {r["value"]["brushlabels"][0]: r for r in first["result"]}
+    assert set(regions) == {"Disk_1", "square_2"}  # the teachers' ensemble: classes 1 and 2
+    for cls, name in [(1, "Disk_1"), (2, "square_2")]:
+        region = regions[name]
+        assert region["value"]["rle"] == brush_rle(labels == cls)
+        assert (region["original_width"], region["original_height"], region["from_name"], region["to_name"]) == (
+            64, 48, "tag", "image")
+
+    def post(route, body):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return requests.post(f"{base}/{route}", data=data, headers={"Content-Type": "application/json"}, timeout=30)
+
+    for route, body, status, words in [
+        ("predict", {"tasks": [{"id": 9, "data": {"image": "/data/upload/3/gone.png"}}], "label_config": config},
+         422, "/data/upload/3/gone.png: HTTP 404"),
+        ("predict", {"tasks": [{"id": 9, "data": {}}], "label_config": config}, 422, "tasks.0.data.image: missing"),
+        ("predict", {"tasks": [], "label_config": "<View/>"}, 422, "no <BrushLabels>"),
+        ("predict", {"tasks": "x", "label_config": config}, 422, "tasks: a list"),
+        ("setup", {"project": "3"}, 422, "schema: missing"),
+        ("predict", b"{not json", 400, "not JSON"),
+        ("webhook", {"action": "ANNOTATION_CREATED", "task": {"data": {"image": LABEL_STUDIO_IMAGE}},
+                     "annotation": {"result": [{"type": "keypointlabels", "to_name": "image", "original_width": 64,
+                                                "original_height": 48, "value": {"x": 5, "y": 5,
+                                                                                 "keypointlabels": ["Cat"]}}]}},
+         422, "'Cat' is not one of"),
+    ]:
+        refused = post(route, body)
+        assert refused.status_code == status and words in refused.text, (route, body, refused.text)
+
+    before = load_clicks(str(clicks_store)).num_rows
+    points = [{"type": "keypointlabels", "to_name": "image", "from_name": "kp", "original_width": 64,
+               "original_height": 48, "value": {"x": x, "y": y, "width": 1, "keypointlabels": ["disk_1"]}}
+              for x, y in [(50, 50), (25, 75)]]
+    created = post("webhook", {"action": "ANNOTATION_CREATED", "task": {"id": 1, "data": {"image": LABEL_STUDIO_IMAGE}},
+                               "project": {"id": 3, "label_config": config}, "annotation": {"id": 5, "result": points}})
+    assert created.status_code == 201 and created.json()["stored"] == 2, created.text
+    assert post("webhook", {"action": "PROJECT_UPDATED", "project": {"id": 3}}).json() == {"ignored": "PROJECT_UPDATED"}
+    rows = [r for r in load_clicks(str(clicks_store)).to_pylist() if r["image_id"] == "street_07"]
+    assert load_clicks(str(clicks_store)).num_rows == before + 2
+    assert sorted((r["x"], r["y"], r["cls"], r["source"]) for r in rows) == [(16.0, 36.0, 1, "user"),
+                                                                           (32.0, 24.0, 1, "user")]
 
 
 def test_committee_answers_say_where_to_click(committee_server):

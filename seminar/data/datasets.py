@@ -218,7 +218,7 @@ def _load_click_tables(
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read and check cfg.clicks and cfg.extra_clicks; return (per-image clicks, sources)."""
     tables = []
-    for path in [cfg.clicks, *cfg.extra_clicks]:
+    for path in [p for p in [cfg.clicks, *cfg.extra_clicks] if p]:
         table = load_clicks(path)
         validate_clicks(table, num_classes, known_ids, path=path)
         tables.append(table)
@@ -429,7 +429,8 @@ class CamVidDataset(SegmentationDataset):
     """`root/{split}.txt` lists `IMAGE MASK` per line; 11 classes, void (11) -> 255.
 
     CamVid has no human clicks: they are simulated from the masks (seeded by
-    cfg.click_seed) and labelled `simulated`.
+    cfg.click_seed) and labelled `simulated`. A click table in cfg.clicks replaces them;
+    cfg.extra_clicks (corrections from the page, an active-learning round) add to either.
     """
 
     def __init__(self, cfg: DataConfig, split: str, limit: int | None = None):
@@ -447,10 +448,17 @@ class CamVidDataset(SegmentationDataset):
         self.image_ids = [p.stem for p in self.image_paths]
         self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
         self.click_radius, self.clicks_per_class = cfg.click_radius, cfg.simulated_clicks_per_class
-        self.click_fit = ClickFit()
-        self.info = DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE, "simulated")
+        self.simulate = cfg.clicks is None
         self._clicks: dict[int, np.ndarray] = {}
         sizes = image_sizes(self.image_ids, self.image_paths)
+        self.file_clicks, self.click_fit, sources = {}, ClickFit(), ["simulated"] if self.simulate else []
+        if cfg.clicks or cfg.extra_clicks:
+            # ids of every split, so that one table can serve the train and the val dataset
+            known = {Path(line.split()[0]).stem for txt in root.glob("*.txt") for line in _read_split(txt, None)}
+            clicks, file_sources = _load_click_tables(cfg, len(CAMVID_CLASSES), known)
+            self.file_clicks, self.click_fit = _fit_all(clicks, self.image_ids, sizes)
+            sources += [s for s in file_sources if s not in sources]
+        self.info = DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE, "+".join(sources))
         if len(self.image_ids) <= CHECK_LIMIT:
             for image_id, mask_path in zip(self.image_ids, self.mask_paths):
                 self._read_mask(mask_path, sizes[image_id])
@@ -462,19 +470,22 @@ class CamVidDataset(SegmentationDataset):
         return mask
 
     def load(self, i: int) -> Sample:
-        """Sample i at its original size, without clicks (they are simulated at load_scale)."""
+        """Sample i at its original size, with the click files' clicks (simulated ones come at load_scale)."""
         image = read_image(self.image_paths[i])
-        return Sample(self.image_ids[i], image, self._read_mask(self.mask_paths[i], image.shape[:2]))
+        clicks = self.file_clicks.get(self.image_ids[i], np.zeros((0, 3), np.float32))
+        return Sample(self.image_ids[i], image, self._read_mask(self.mask_paths[i], image.shape[:2]), clicks)
 
     def at_scale(self, i: int, sample: Sample) -> Sample:
         # Clicks are simulated on the mask at the resolution training sees, so that each
         # click's disk stays on its object there.
         sample = rescale(sample, self.load_scale)
+        if not self.simulate:
+            return sample
         if i not in self._clicks:  # simulating costs more than decoding: once per image and process
             self._clicks[i] = simulate_clicks(sample.mask, len(CAMVID_CLASSES), self.min_area,
                                               [self.click_seed, _seed_of(sample.image_id)], radius=self.click_radius,
                                               per_class=self.clicks_per_class)
-        return replace(sample, clicks=self._clicks[i])
+        return replace(sample, clicks=np.concatenate([self._clicks[i], sample.clicks]))
 
 
 # ---------------------------------------------------------------------------------------
