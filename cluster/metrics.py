@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from seminar.metrics import student_key
+
 _STEP_SECONDS = [0.01, 0.03, 0.1, 0.3, 1, 2, 5, 10, 30, 100]
 _WAIT_SECONDS = [0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10]
 _LOSS_TERMS = {"loss": "total", "loss_sup": "sup", "loss_ts": "ts", "loss_ss": "ss", "loss_pair": "pair"}
@@ -52,7 +54,7 @@ class TrainMetrics:
         step = int(metrics.get("step", 0))
         for k in self.students:
             def get(name):
-                return metrics.get(f"s{k}/{name}")
+                return metrics.get(student_key(k, name))
 
             tags = {"student": str(k)}
             for key, term in _LOSS_TERMS.items():

@@ -45,6 +45,7 @@ from seminar.config import TrainConfig
 from seminar.exchange import InProcessExchange
 from seminar.progress import Progress, follow_history
 from seminar.history import RunLog, read_history
+from seminar.metrics import SERVED_MIOU, val_miou_key
 from seminar.runs import new_run_name
 
 from .exchange import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
@@ -158,7 +159,7 @@ class Reporter:
         if self.ray_metrics:
             self.ray_metrics.record(metrics)
         merged = {**self._gather(metrics), **self.run_info}
-        if self.rank == 0 and "val/miou" in merged and self.world_size > 1:
+        if self.rank == 0 and SERVED_MIOU in merged and self.world_size > 1:
             # Rank 0 validated its own students only; with everyone's metrics it picks the
             # served network among all the teachers (an ensemble needs them in one process).
             from seminar.engine import choose_served  # the method; imported on the worker
@@ -306,11 +307,11 @@ def summarize(result, cfg: TrainConfig, run_name: str, exchange: BoardStats | No
     miou = {}
     for k in range(cfg.num_students):
         for model in ("student", "teacher"):
-            value = metrics.get(f"s{k}/val_miou_{model}")
+            value = metrics.get(val_miou_key(k, model))
             if value is not None:
                 miou[f"s{k}/{model}"] = float(value)
-    if "val/miou" in metrics:
-        miou["served"] = float(metrics["val/miou"])
+    if SERVED_MIOU in metrics:
+        miou["served"] = float(metrics[SERVED_MIOU])
     return RunSummary(run_name, uri, int(metrics.get("step", -1)), metrics, miou, exchange)
 
 

@@ -227,6 +227,7 @@ def jobs_stop(job_id: str = typer.Argument(...),
 @models_app.command("list")
 def models_list(registry: Optional[str] = typer.Option(None, "--registry", "-r", help=REGISTRY_HELP)) -> None:
     """Models and their versions."""
+    from seminar.metrics import SERVED_MIOU
     from seminar.registry import ModelRegistry, RegistryError
 
     try:
@@ -240,7 +241,7 @@ def models_list(registry: Optional[str] = typer.Option(None, "--registry", "-r",
         table.add_column(col)
     for model, versions in rows:
         meta = latest[model]
-        miou = (meta.get("metrics") or {}).get("val/miou")
+        miou = (meta.get("metrics") or {}).get(SERVED_MIOU)
         table.add_row(model, ", ".join(map(str, versions)), str(versions[-1]), meta.get("created", "-"),
                       "-" if miou is None else f"{miou:.4f}", str(meta.get("click_source")))
     console.print(table)

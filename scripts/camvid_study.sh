@@ -5,6 +5,7 @@
 # Each run leaves runs/camvid/study-ROW-sSEED/metrics.jsonl; summarise with
 #   .venv/bin/python scripts/study_table.py runs/camvid
 # Usage: bash scripts/camvid_study.sh [ROWS] [SEEDS] [extra --set flags]
+#   (STUDY_TAG=x in the environment names the runs study-ROW-x-sSEED)
 #   e.g.  bash scripts/camvid_study.sh "seminar pce" "0 1 2" --set optim.steps=300
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +62,7 @@ row_flags() {
 mkdir -p runs/camvid
 for seed in $seeds; do
   for row in $rows; do
-    name=study-$row-s$seed
+    name=study-$row${STUDY_TAG:+-$STUDY_TAG}-s$seed
     flags=(--set "optim.seed=$seed")
     IFS='|' read -ra parts <<< "$(row_flags "$row")"
     for p in "${parts[@]}"; do [ -n "$p" ] && flags+=(--set "$p"); done

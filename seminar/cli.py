@@ -44,13 +44,14 @@ def spec_from_options(config: Optional[Path], overrides: list[str]) -> TrainConf
 def print_training_summary(cfg: TrainConfig, result) -> None:
     """The end of `seminar train`: per-class table, served mIoU and why, click purity, checkpoint."""
     from .checkpoint import read_meta
+    from .metrics import SERVED_MIOU
     from .runs import summary_table
 
     meta = read_meta(result.checkpoint)
     console.print(summary_table(result.metrics, meta["classes"], cfg.num_students))
     why = {"best_teacher": "the best val mIoU among the teachers and their ensemble"}.get(
         cfg.method.inference, f"method.inference={cfg.method.inference}")
-    console.print(f"mIoU {result.metrics.get('val/miou', float('nan')):.4f} (served model: {meta.get('served')}, "
+    console.print(f"mIoU {result.metrics.get(SERVED_MIOU, float('nan')):.4f} (served model: {meta.get('served')}, "
                   f"{why}; {cfg.data.dataset} {cfg.data.val_split}, clicks: {meta['click_source']})")
     if "data/click_purity" in result.metrics:
         console.print(f"click purity {result.metrics['data/click_purity']:.1%} of click-disk pixels on their own "

@@ -35,7 +35,7 @@ from .data.inspect import ClickPurity
 from .data.transforms import SeminarViews
 from .exchange import CompactPrediction, Exchange
 from .method import EmaTeacher, fuse_pseudo_labels, student_losses
-from .metrics import ConfusionMatrix
+from .metrics import ENSEMBLE_MIOU, SERVED_IOU, SERVED_MIOU, ConfusionMatrix, student_key, val_miou_key
 from .models import Ensemble, build_model
 
 Reporter = Callable[[dict[str, float], "str | None"], None]
@@ -319,15 +319,15 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
         metrics = {}
         for position, (k, task) in enumerate(tasks.items()):  # 2-3. the peers' labels, a step
             for name, value in task.train_step(step, batch, position, teacher_probs[k]).items():
-                metrics[f"s{k}/{name}"] = value
+                metrics[student_key(k, name)] = value
         add_click_purity(purity, batch)
         step_time = time.perf_counter() - t0
         # CPU seconds of this whole process (torch's threads, Ray's): against step_time it
         # tells work done from time spent waiting for a core, a GPU or data.
         step_cpu_time = time.process_time() - cpu0
         for k in tasks:
-            metrics.update({f"s{k}/step_time": step_time, f"s{k}/step_cpu_time": step_cpu_time,
-                            f"s{k}/images_per_s": per_replica / step_time})
+            metrics.update({student_key(k, "step_time"): step_time, student_key(k, "step_cpu_time"): step_cpu_time,
+                            student_key(k, "images_per_s"): per_replica / step_time})
         batch, teacher_probs = next_batch, next_teacher_probs
         return metrics
 
@@ -389,10 +389,10 @@ def validate(cfg: TrainConfig, students: dict[int, StudentTask], val_set, views:
     student here, their teachers' ensemble's); then the served network's as `val/...`."""
     models = {}
     for k, s in students.items():
-        models[f"s{k}/val_miou_student"] = s.net
-        models[f"s{k}/val_miou_teacher"] = s.teacher
+        models[val_miou_key(k, "student")] = s.net
+        models[val_miou_key(k, "teacher")] = s.teacher
     if len(students) == cfg.num_students > 1:
-        models["val_miou_teacher_ensemble"] = Ensemble([s.teacher for s in students.values()])
+        models[ENSEMBLE_MIOU] = Ensemble([s.teacher for s in students.values()])
     out = {}
     for name, cm in evaluate(models, val_set, views, num_classes, ctx).items():
         out[name] = cm.miou()
@@ -407,19 +407,19 @@ def choose_served(cfg: TrainConfig, metrics: dict[str, float]) -> str:
     per-class IoU to `val/miou` and `val/iou/<c>` in `metrics`, and return its name."""
     served = served_network(cfg, metrics)
     prefix = served_metric(served)
-    metrics["val/miou"] = metrics[prefix]
+    metrics[SERVED_MIOU] = metrics[prefix]
     for key in [k for k in metrics if k.startswith(prefix + "/iou/")]:
-        metrics["val/iou/" + key.rsplit("/", 1)[1]] = metrics[key]
+        metrics[SERVED_IOU + key.rsplit("/", 1)[1]] = metrics[key]
     return served
 
 
 def served_metric(network: str) -> str:
     """The metric that scores a served network (`teacher_<k>`, `teacher_ensemble`, `primary_student`)."""
     if network == "primary_student":
-        return "s0/val_miou_student"
+        return val_miou_key(0, "student")
     if network == "teacher_ensemble":
-        return "val_miou_teacher_ensemble"
-    return f"s{network.removeprefix('teacher_')}/val_miou_teacher"
+        return ENSEMBLE_MIOU
+    return val_miou_key(int(network.removeprefix("teacher_")), "teacher")
 
 
 def served_network(cfg: TrainConfig, metrics: dict[str, float]) -> str:
@@ -459,7 +459,7 @@ def write_checkpoint(directory: str, cfg: TrainConfig, students: dict[int, Stude
                                  {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()},
                                  (look_ahead or {}).get(k))
     if 0 in students:
-        served = served_network(cfg, metrics) if "val/miou" in metrics else None
+        served = served_network(cfg, metrics) if SERVED_MIOU in metrics else None
         checkpoint.write_meta(directory, cfg, info, step, metrics, served)
 
 

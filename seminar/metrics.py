@@ -7,6 +7,25 @@ import torch.distributed as dist
 
 from .data.base import IGNORE_INDEX
 
+# The names in a flat report (metrics.jsonl, Ray Train's report, Tune's results; Prometheus
+# labels are made from them in cluster/metrics.py): a student's metric is "s<k>/<name>",
+# spelt here only.
+LOSS_TERMS = ("loss_sup", "loss_ts", "loss_ss")
+PSEUDO_LABEL_METRICS = ("pseudo_frac", "diag_pseudo_acc", "diag_student_acc")  # on unclicked pixels
+ENSEMBLE_MIOU = "val_miou_teacher_ensemble"
+SERVED_MIOU = "val/miou"  # the served network's (method.inference), copied from its own key
+SERVED_IOU = "val/iou/"  # + class id: the served network's per-class IoU
+
+
+def student_key(k: int, name: str) -> str:
+    """Student k's metric `name` in a flat report."""
+    return f"s{k}/{name}"
+
+
+def val_miou_key(k: int, who: str) -> str:
+    """Student k's (`who` = student) or its teacher's (`who` = teacher) val mIoU."""
+    return student_key(k, f"val_miou_{who}")
+
 
 class ConfusionMatrix:
     """Rows = ground truth, columns = prediction; ignore-labelled pixels are left out."""

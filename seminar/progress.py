@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .history import read_history
+from .metrics import ENSEMBLE_MIOU, LOSS_TERMS, SERVED_MIOU, student_key, val_miou_key
 
 
 class Progress:
@@ -45,7 +46,7 @@ class Progress:
             self.bar.set_postfix_str(terms, refresh=True)
         else:
             self.write(f"step {step}/{self.total} ({step / self.total:.0%}, eta {self.eta(step)}) {terms}")
-        if any("val_miou" in key or key == "val/miou" for key in metrics):
+        if any("val_miou" in key or key == SERVED_MIOU for key in metrics):
             self.write(f"step {step}: {self.evaluation(metrics)}")
 
     def terms(self, m: dict[str, float]) -> str:
@@ -54,24 +55,24 @@ class Progress:
         if step_time:
             parts.append(f"{self.batch_size / step_time:.1f} img/s")
         for k in range(self.num_students):
-            terms = [f"{t.removeprefix('loss_')} {m[f's{k}/{t}']:.3f}" for t in ("loss_sup", "loss_ts", "loss_ss")
-                     if f"s{k}/{t}" in m]
-            if f"s{k}/pseudo_frac" in m:
-                terms.append(f"coverage {m[f's{k}/pseudo_frac']:.0%}")
+            terms = [f"{t.removeprefix('loss_')} {m[student_key(k, t)]:.3f}" for t in LOSS_TERMS
+                     if student_key(k, t) in m]
+            if student_key(k, "pseudo_frac") in m:
+                terms.append(f"coverage {m[student_key(k, 'pseudo_frac')]:.0%}")
             if terms:
                 parts.append(f"s{k} " + " ".join(terms))
         return " | ".join(parts)
 
     def evaluation(self, m: dict[str, float]) -> str:
         """'val mIoU: served 0.41; s0 student 0.38 teacher 0.40; ...; ensemble 0.41'."""
-        parts = [f"served {m['val/miou']:.3f}"] if "val/miou" in m else []
+        parts = [f"served {m[SERVED_MIOU]:.3f}"] if SERVED_MIOU in m else []
         for k in range(self.num_students):
-            scores = [f"{who} {m[f's{k}/val_miou_{who}']:.3f}" for who in ("student", "teacher")
-                      if f"s{k}/val_miou_{who}" in m]
+            scores = [f"{who} {m[val_miou_key(k, who)]:.3f}" for who in ("student", "teacher")
+                      if val_miou_key(k, who) in m]
             if scores:
                 parts.append(f"s{k} " + " ".join(scores))
-        if "val_miou_teacher_ensemble" in m:
-            parts.append(f"teachers' ensemble {m['val_miou_teacher_ensemble']:.3f}")
+        if ENSEMBLE_MIOU in m:
+            parts.append(f"teachers' ensemble {m[ENSEMBLE_MIOU]:.3f}")
         return "val mIoU: " + "; ".join(parts)
 
     def eta(self, step: int) -> str:

@@ -22,6 +22,7 @@ from .config import SpecError, TrainConfig
 from .engine import WorkerContext, train_worker
 from .exchange import InProcessExchange
 from .history import RunLog, read_history
+from .metrics import ENSEMBLE_MIOU, LOSS_TERMS, PSEUDO_LABEL_METRICS, SERVED_IOU, SERVED_MIOU, student_key, val_miou_key
 from .progress import Progress
 
 def new_run_name() -> str:
@@ -96,19 +97,19 @@ def summary_table(metrics: dict[str, float], classes: list[str], num_students: i
     table.add_column("")
     table.add_column("IoU / mIoU", justify="right")
     for i, name in enumerate(classes):
-        value = metrics.get(f"val/iou/{i}")
+        value = metrics.get(f"{SERVED_IOU}{i}")
         if value is not None:
             table.add_row(f"  {name}", "-" if value != value else f"{value:.3f}")
     for k in range(num_students):
         role = "primary" if k == 0 else "ancillary"
         for who in ("student", "teacher"):
-            value = metrics.get(f"s{k}/val_miou_{who}")
+            value = metrics.get(val_miou_key(k, who))
             if value is not None:
                 table.add_row(f"student {k} ({role}) {who}", f"{value:.3f}")
-    if "val_miou_teacher_ensemble" in metrics:
-        table.add_row("teachers' ensemble", f"{metrics['val_miou_teacher_ensemble']:.3f}")
-    if "val/miou" in metrics:
-        table.add_row("[bold]served model mIoU[/]", f"[bold]{metrics['val/miou']:.3f}[/]")
+    if ENSEMBLE_MIOU in metrics:
+        table.add_row("teachers' ensemble", f"{metrics[ENSEMBLE_MIOU]:.3f}")
+    if SERVED_MIOU in metrics:
+        table.add_row("[bold]served model mIoU[/]", f"[bold]{metrics[SERVED_MIOU]:.3f}[/]")
     return table
 
 
@@ -132,10 +133,10 @@ class RunInfo:
 
     @property
     def served_miou(self) -> float | None:
-        evaluated = [h for h in self.history if "val/miou" in h]
+        evaluated = [h for h in self.history if SERVED_MIOU in h]
         if evaluated:
-            return evaluated[-1]["val/miou"]
-        return (self.meta.get("metrics") or {}).get("val/miou")
+            return evaluated[-1][SERVED_MIOU]
+        return (self.meta.get("metrics") or {}).get(SERVED_MIOU)
 
 
 def read_run(directory: str) -> RunInfo:
@@ -171,11 +172,11 @@ def plot_history(run: RunInfo, out: str | Path) -> Path:
     num_students = run.meta.get("num_students") or len({k.split("/")[0] for h in history for k in h
                                                          if re.fullmatch(r"s\d+/loss", k)})
     panels = [
-        ("losses", [f"s{k}/{t}" for k in range(num_students) for t in ("loss_sup", "loss_ts", "loss_ss")]),
-        ("val mIoU", [f"s{k}/val_miou_{w}" for k in range(num_students) for w in ("student", "teacher")]
-         + ["val_miou_teacher_ensemble", "val/miou"]),
-        ("pseudo-labels (unclicked pixels)", [f"s{k}/{m}" for k in range(num_students)
-                                              for m in ("pseudo_frac", "diag_pseudo_acc", "diag_student_acc")]),
+        ("losses", [student_key(k, t) for k in range(num_students) for t in LOSS_TERMS]),
+        ("val mIoU", [val_miou_key(k, w) for k in range(num_students) for w in ("student", "teacher")]
+         + [ENSEMBLE_MIOU, SERVED_MIOU]),
+        ("pseudo-labels (unclicked pixels)", [student_key(k, m) for k in range(num_students)
+                                              for m in PSEUDO_LABEL_METRICS]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4))
     for ax, (title, keys) in zip(axes, panels):
@@ -184,7 +185,7 @@ def plot_history(run: RunInfo, out: str | Path) -> Path:
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, marker="o" if len(points) < 10 else None, markersize=3,
-                        label="served" if key == "val/miou" else key)
+                        label="served" if key == SERVED_MIOU else key)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
