@@ -15,8 +15,9 @@ name are left out, and a config that names none of them is refused (422).
 
 Task images: an http(s) URL, an `s3://` URI (read with the project's storage), or a path of
 Label Studio's own (`/data/upload/...`, `/data/local-files/?d=...`), fetched from
-`serving.label_studio_url` with `Authorization: Token $LABEL_STUDIO_API_KEY` (the key, from
-the replica's environment, is only sent to that address).
+`serving.label_studio_url` with the key in `LABEL_STUDIO_API_KEY` (from the replica's
+environment; only sent to that address): a personal access token (a JWT) as `Bearer`, a
+legacy token as `Token`, as Label Studio's SDK sends them.
 
 Key points (`<KeyPointLabels>`) in a created annotation are stored, like POST /v1/clicks, in
 `serving.clicks_store` (source `user`) for the next `seminar train`; the image id is the task
@@ -151,8 +152,10 @@ def fetch_image(ref: str, label_studio_url: str | None, max_bytes: int, timeout_
             url = urllib.parse.urljoin(label_studio_url.rstrip("/") + "/", ref.lstrip("/"))
         elif urllib.parse.urlsplit(ref).scheme not in ("http", "https"):
             raise InputError(422, "image_unreachable", f"{ref}: not an http(s) URL, s3:// URI or Label Studio path")
-        if label_studio_url and url.startswith(label_studio_url.rstrip("/")) and os.environ.get(API_KEY_ENV):
-            headers["Authorization"] = f"Token {os.environ[API_KEY_ENV]}"
+        key = os.environ.get(API_KEY_ENV)
+        if key and label_studio_url and urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(label_studio_url).netloc:
+            # as Label Studio's SDK does: a personal access token (a JWT) as Bearer, a legacy token as Token
+            headers["Authorization"] = f"{'Bearer' if key.count('.') == 2 else 'Token'} {key}"
         try:
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as answer:
                 data = answer.read(max_bytes + 1)

@@ -89,6 +89,12 @@ def test_task_images_come_from_label_studio_with_its_key_only(label_studio_files
     with pytest.raises(InputError, match="HTTP 401"):
         fetch_image(f"{url}/data/upload/3/0a1b2c3d-street.png", "http://label-studio.example", 10**6, 5)
     assert "Authorization" not in seen[-1]
+    # a personal access token (a JWT) goes as Bearer
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "eyJh.eyJ0.c2ln")
+    with pytest.raises(InputError, match="HTTP 401"):
+        fetch_image("/data/upload/3/0a1b2c3d-street.png", url, 10**6, 5)
+    assert seen[-1]["Authorization"] == "Bearer eyJh.eyJ0.c2ln"
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "secret-key")
     for ref, base, limit, status, words in [
         ("/data/upload/3/missing.png", url, 10**6, 422, "missing.png: HTTP 404"),
         ("/data/upload/3/0a1b2c3d-street.png", None, 10**6, 422, "serving.label_studio_url is not set"),
