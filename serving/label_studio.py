@@ -202,8 +202,11 @@ def annotation_clicks(payload: dict, classes: tuple[str, ...] | list[str]) -> tu
         raise InputError(422, "invalid_webhook", "body: needs 'task' and 'annotation' objects (Label Studio "
                                                  "sends them with ANNOTATION_CREATED)")
     by_name = {c.lower(): i for i, c in enumerate(classes)}
+    results = annotation.get("result") or []
+    if not isinstance(results, list):
+        raise InputError(422, "invalid_webhook", "annotation.result: a list of regions expected")
     clicks, names = [], set()
-    for n, region in enumerate(annotation.get("result") or []):
+    for n, region in enumerate(results):
         where = f"annotation.result.{n}"
         if not isinstance(region, dict) or region.get("type") != "keypointlabels":
             continue
@@ -212,17 +215,20 @@ def annotation_clicks(payload: dict, classes: tuple[str, ...] | list[str]) -> tu
             x, y = float(value["x"]), float(value["y"])
             width, height = int(region["original_width"]), int(region["original_height"])
             (label,) = value["keypointlabels"]
-        except (KeyError, TypeError, ValueError):
+            label, to_name = label.lower(), str(region.get("to_name", ""))
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             raise InputError(422, "invalid_webhook", f"{where}: needs value.x, value.y, value.keypointlabels "
                                                      f"(one label), original_width and original_height") from None
-        if label.lower() not in by_name:
-            raise InputError(422, "invalid_webhook", f"{where}.value.keypointlabels: '{label}' is not one of the "
-                                                     f"model's classes {list(classes)}")
-        if not (0 <= x <= 100 and 0 <= y <= 100 and width > 0 and height > 0):
+        if label not in by_name:
+            raise InputError(422, "invalid_webhook", f"{where}.value.keypointlabels: '{value['keypointlabels'][0]}' is "
+                                                     f"not one of the model's classes {list(classes)}")
+        if not 0 < width <= 65535 or not 0 < height <= 65535:
+            raise InputError(422, "invalid_webhook", f"{where}: an image of {width}x{height} pixels")
+        if not (0 <= x <= 100 and 0 <= y <= 100):
             raise InputError(422, "invalid_webhook", f"{where}.value: ({x:g}%, {y:g}%) is outside the image")
         # Label Studio gives percentages of the image's width and height
-        clicks.append((min(x * width / 100, width - 1), min(y * height / 100, height - 1), by_name[label.lower()]))
-        names.add(region.get("to_name"))
+        clicks.append((min(x * width / 100, width - 1), min(y * height / 100, height - 1), by_name[label]))
+        names.add(to_name)
     if not clicks:
         return "", []
     return image_id(_annotated_image(task, names.pop(), payload.get("project"))), clicks

@@ -14,7 +14,15 @@ from PIL import Image
 
 from conftest import file_server
 from serving.imaging import InputError
-from serving.label_studio import annotation_clicks, brush_rle, fetch_image, image_id, labeling_config, prediction
+from serving.label_studio import (
+    annotation_clicks,
+    brush_rle,
+    fetch_image,
+    image_id,
+    labeling_config,
+    prediction,
+    task_image,
+)
 
 DATA = Path(__file__).parent / "data"
 CLASSES = ("background", "disk_1", "square_2", "triangle_3")
@@ -139,3 +147,55 @@ def test_key_points_become_clicks_in_image_pixels():
             annotation_clicks({**with_project, "annotation": {"result": [region]}}, CLASSES)
     with pytest.raises(InputError, match="needs 'task' and 'annotation'"):
         annotation_clicks({"action": "ANNOTATION_CREATED"}, CLASSES)
+
+
+# --- the fuzz corpus: Label Studio bodies mutated at random (seeded) -------------------------
+
+HOSTILE_VALUES = [None, 0, -1, 1e308, float("nan"), float("inf"), 2**70, "", "x" * 10_000, "\x00", "%s",
+                  "../../etc/passwd", [], [None], {}, {"x": {}}, True]
+
+
+def mutations(payload, rng, depth=0):
+    """A copy of a JSON-like payload with one node, chosen at random, replaced by a hostile value."""
+    if depth > 0 and (rng.random() < 0.3 or not isinstance(payload, (dict, list)) or not payload):
+        return HOSTILE_VALUES[rng.integers(len(HOSTILE_VALUES))]
+    if isinstance(payload, dict) and payload:
+        key = list(payload)[rng.integers(len(payload))]
+        return {**payload, key: mutations(payload[key], rng, depth + 1)}
+    if isinstance(payload, list) and payload:
+        i = int(rng.integers(len(payload)))
+        return payload[:i] + [mutations(payload[i], rng, depth + 1)] + payload[i + 1:]
+    return HOSTILE_VALUES[rng.integers(len(HOSTILE_VALUES))]
+
+
+def test_hostile_label_studio_bodies_are_422s_never_crashes():
+    """Every mutated webhook, task and labeling config ends in an answer or an InputError (a 4xx
+    naming the field), never another exception (a 500)."""
+    rng = np.random.default_rng(0)
+    point = {"type": "keypointlabels", "to_name": "photo", "original_width": 200, "original_height": 100,
+             "value": {"x": 10, "y": 50, "keypointlabels": ["square_2"]}}
+    webhook = {"action": "ANNOTATION_CREATED", "project": {"label_config": CONFIG},
+               "task": {"id": 4, "data": {"image": "/data/upload/3/0a1b2c3d-street.png"}},
+               "annotation": {"result": [point, point]}}
+    refused = 0
+    for _ in range(2000):
+        try:
+            annotation_clicks(mutations(webhook, rng), CLASSES)
+        except InputError as e:
+            assert 400 <= e.status < 500 and e.detail
+            refused += 1
+        try:
+            task_image(mutations({"data": {"image": "/x.png"}}, rng), "image", "tasks.0")
+        except InputError as e:
+            assert e.status == 422 and "tasks.0" in e.detail
+    assert refused > 500  # the mutations do reach the checks
+    xml = CONFIG.encode()
+    for _ in range(500):  # configs cut, with bytes dropped or changed
+        data = bytearray(xml[: rng.integers(len(xml) + 1)])
+        for i in rng.integers(0, max(len(data), 1), rng.integers(0, 4)):
+            if i < len(data):
+                data[i] = int(rng.integers(256))
+        try:
+            labeling_config(data.decode("utf-8", "replace"), CLASSES)
+        except InputError as e:
+            assert e.status == 422
