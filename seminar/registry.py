@@ -12,8 +12,9 @@ the code version, the creation time and the sha256 of every other file. Versions
 Reading a version checks every file against its checksum, so a tampered or truncated
 file fails loudly, by name, instead of loading wrong weights.
 
-S3 is written and read with boto3 (endpoint from `AWS_ENDPOINT_URL`, credentials from
-the environment as usual). The serving layer loads models through `resolve_model`.
+Files are written and read through `seminar.storage` (local, or S3 with the endpoint from
+`AWS_ENDPOINT_URL` and credentials from the environment as usual); claiming a version number
+on S3 is a conditional write through boto3. The serving layer loads models through `resolve_model`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+import pyarrow.fs as pafs
+
+from . import checkpoint, storage
+from .checkpoint import local_copy
 
 METADATA_FILE = "metadata.json"
 RESUME_ONLY = ("optimizer.pt", checkpoint.LOOK_AHEAD)  # checkpoint files serving never reads
@@ -98,103 +102,65 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-class _LocalStore:
-    def __init__(self, root: str):
-        self.root = Path(root).expanduser()
-        self.uri = str(self.root)
+class _Store:
+    """A registry's files, local or on S3, through `seminar.storage` (pyarrow's filesystems).
+    Only claiming a version number needs S3's own conditional write, through boto3."""
+
+    def __init__(self, uri: str):
+        self.is_s3 = storage.is_s3(uri)
+        if self.is_s3:
+            bucket, prefix = _split_s3(uri)
+            self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        else:
+            self.uri = str(Path(uri).expanduser())
+        self.fs, self.root = storage.filesystem(self.uri)
 
     def join(self, *parts: str) -> str:
-        return str(self.root.joinpath(*parts))
+        return "/".join([self.uri, *parts])
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _entries(self, parts: tuple[str, ...], recursive: bool) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(pafs.FileSelector(self._path(*parts), recursive=recursive, allow_not_found=True))
 
     def list_dirs(self, *parts: str) -> list[str]:
-        d = self.root.joinpath(*parts)
-        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+        return sorted(i.base_name for i in self._entries(parts, False) if i.type == pafs.FileType.Directory)
 
     def list_files(self, *parts: str) -> list[str]:
         """Relative paths of every file under parts (recursively)."""
-        d = self.root.joinpath(*parts)
-        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+        base = self._path(*parts)
+        return sorted(i.path[len(base) + 1:] for i in self._entries(parts, True) if i.type == pafs.FileType.File)
 
     def read_bytes(self, *parts: str) -> bytes | None:
-        p = self.root.joinpath(*parts)
-        return p.read_bytes() if p.is_file() else None
-
-    def put_file(self, local: Path, *parts: str) -> None:
-        dest = self.root.joinpath(*parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, dest)
-
-    def put_bytes(self, data: bytes, *parts: str) -> None:
-        dest = self.root.joinpath(*parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)  # readers never see half a metadata.json
-
-    def claim(self, *parts: str) -> bool:
-        """Create the directory parts if nobody has: how two publishers get distinct versions."""
-        d = self.root.joinpath(*parts)
-        d.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            d.mkdir()
-            return True
-        except FileExistsError:
-            return False
-
-    def fetch(self, rel_files: list[str], parts: tuple[str, ...], dest: Path) -> None:
-        raise AssertionError("local versions are read in place")
-
-
-class _S3Store:
-    def __init__(self, uri: str):
-        import boto3
-
-        self.bucket, self.prefix = _split_s3(uri)
-        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        # boto3 reads AWS_ENDPOINT_URL itself; passing it keeps older botocore working too.
-        self.s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-
-    def _key(self, *parts: str) -> str:
-        return "/".join(p for p in (self.prefix, *parts) if p)
-
-    def join(self, *parts: str) -> str:
-        return f"s3://{self.bucket}/{self._key(*parts)}"
-
-    def list_dirs(self, *parts: str) -> list[str]:
-        prefix = self._key(*parts)
-        prefix = prefix + "/" if prefix else ""
-        names = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
-            names += [cp["Prefix"][len(prefix):].rstrip("/") for cp in page.get("CommonPrefixes", [])]
-        return sorted(names)
-
-    def list_files(self, *parts: str) -> list[str]:
-        prefix = self._key(*parts) + "/"
-        files = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            files += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
-        return sorted(files)
-
-    def read_bytes(self, *parts: str) -> bytes | None:
-        try:
-            return self.s3.get_object(Bucket=self.bucket, Key=self._key(*parts))["Body"].read()
-        except self.s3.exceptions.NoSuchKey:
+        if self.fs.get_file_info(self._path(*parts)).type != pafs.FileType.File:
             return None
+        return storage.read_bytes(self.join(*parts))
 
     def put_file(self, local: Path, *parts: str) -> None:
-        self.s3.upload_file(str(local), self.bucket, self._key(*parts))
+        storage.write_bytes(self.join(*parts), local.read_bytes())
 
     def put_bytes(self, data: bytes, *parts: str) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self._key(*parts), Body=data)
+        storage.write_bytes(self.join(*parts), data)  # whole or not at all: readers never see half a file
 
     def claim(self, *parts: str) -> bool:
+        """Take a version directory if nobody has: how two publishers get distinct versions."""
+        if not self.is_s3:
+            d = Path(self._path(*parts))
+            d.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir()
+                return True
+            except FileExistsError:
+                return False
         # A conditional write (If-None-Match: *) succeeds for exactly one publisher.
+        import boto3
         from botocore.exceptions import ClientError
 
+        bucket, key = _split_s3(self.join(*parts, ".claim"))
         try:
-            self.s3.put_object(Bucket=self.bucket, Key=self._key(*parts, ".claim"), Body=b"",
-                               IfNoneMatch="*")
+            boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None).put_object(
+                Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
             return True
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
@@ -203,13 +169,7 @@ class _S3Store:
 
     def fetch(self, rel_files: list[str], parts: tuple[str, ...], dest: Path) -> None:
         for rel in rel_files:
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.s3.download_file(self.bucket, self._key(*parts, rel), str(target))
-
-
-def _store(uri: str):
-    return _S3Store(uri) if uri.startswith("s3://") else _LocalStore(uri)
+            storage.download_file(self.join(*parts, rel), dest / rel)
 
 
 def _wrap_storage_errors(fn):
@@ -274,7 +234,7 @@ class ModelRegistry:
     """Published models under one prefix. `ModelRegistry("s3://bucket/models").publish(...)`."""
 
     def __init__(self, uri: str | None = None):
-        self.store = _store(uri or default_registry())
+        self.store = _Store(uri or default_registry())
         self.uri = self.store.uri
 
     # ---- reading -------------------------------------------------------------------
@@ -321,7 +281,7 @@ class ModelRegistry:
         """
         mv = self.get(model, version)
         files = mv.metadata["files"]  # checked by get(): plain relative paths
-        if isinstance(self.store, _LocalStore):
+        if not self.store.is_s3:
             local = Path(mv.uri)
         else:
             key = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
@@ -353,40 +313,39 @@ class ModelRegistry:
         so that the version can be trained on.
         """
         _check_model_name(model)
-        with tempfile.TemporaryDirectory(prefix="seminar-publish-") as tmp:
-            local = _local_checkpoint(str(checkpoint), Path(tmp))
-            meta_path = local / CHECKPOINT_META
-            if not meta_path.is_file():
-                raise RegistryError(f"{checkpoint}: not a checkpoint (no {CHECKPOINT_META})")
-            meta = json.loads(meta_path.read_text())
-            rel_files = sorted(
-                str(p.relative_to(local)) for p in local.rglob("*")
-                if p.is_file() and p.name != METADATA_FILE and (include_optimizer or p.name not in RESUME_ONLY))
-            files = {rel: {"sha256": sha256_file(local / rel), "bytes": (local / rel).stat().st_size}
-                     for rel in rel_files}
+        try:
+            local = local_copy(str(checkpoint).rstrip("/"))
+        except FileNotFoundError:
+            raise RegistryError(f"{checkpoint}: not a checkpoint (no {CHECKPOINT_META})") from None
+        meta = json.loads((local / CHECKPOINT_META).read_text())
+        rel_files = sorted(  # not the download cache's own marks (dot files)
+            str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")
+            and p.name != METADATA_FILE and (include_optimizer or p.name not in RESUME_ONLY))
+        files = {rel: {"sha256": sha256_file(local / rel), "bytes": (local / rel).stat().st_size}
+                 for rel in rel_files}
 
-            version = self._claim_next_version(model)
-            for rel in rel_files:
-                self.store.put_file(local / rel, model, str(version), rel)
-            metadata = {
-                "model": model,
-                "version": version,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "metrics": {**(meta.get("metrics") or {}), **(metrics or {})},
-                "spec": spec if spec is not None else meta.get("spec"),
-                "classes": meta.get("classes"),
-                "palette": meta.get("palette"),
-                "click_source": meta.get("click_source"),
-                "num_students": meta.get("num_students"),
-                "step": meta.get("step"),
-                "code_version": code_version(),
-                "training_code_version": meta.get("code_version"),
-                "source_checkpoint": str(checkpoint),
-                "files": files,
-                **(extra or {}),
-            }
-            # metadata.json last: until it exists the version is not listed.
-            self.store.put_bytes(json.dumps(metadata, indent=2).encode(), model, str(version), METADATA_FILE)
+        version = self._claim_next_version(model)
+        for rel in rel_files:
+            self.store.put_file(local / rel, model, str(version), rel)
+        metadata = {
+            "model": model,
+            "version": version,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metrics": {**(meta.get("metrics") or {}), **(metrics or {})},
+            "spec": spec if spec is not None else meta.get("spec"),
+            "classes": meta.get("classes"),
+            "palette": meta.get("palette"),
+            "click_source": meta.get("click_source"),
+            "num_students": meta.get("num_students"),
+            "step": meta.get("step"),
+            "code_version": code_version(),
+            "training_code_version": meta.get("code_version"),
+            "source_checkpoint": str(checkpoint),
+            "files": files,
+            **(extra or {}),
+        }
+        # metadata.json last: until it exists the version is not listed.
+        self.store.put_bytes(json.dumps(metadata, indent=2).encode(), model, str(version), METADATA_FILE)
         return ModelVersion(model, version, self.store.join(model, str(version)), metadata)
 
     def _claim_next_version(self, model: str) -> int:
@@ -415,21 +374,6 @@ def verify_files(local: Path, files: dict[str, dict], where: str) -> None:
         if sha256_file(path) != info["sha256"]:
             raise IntegrityError(f"{where}: file {rel} does not match its recorded sha256 "
                                  "(modified or corrupted after publishing)")
-
-
-def _local_checkpoint(uri: str, scratch: Path) -> Path:
-    """A local directory holding the checkpoint at uri (downloaded first if on S3)."""
-    if not uri.startswith("s3://"):
-        p = Path(uri).expanduser()
-        if not p.is_dir():
-            raise RegistryError(f"{uri}: no such checkpoint directory")
-        return p
-    src = _S3Store(uri)
-    rel_files = src.list_files()
-    if not rel_files:
-        raise RegistryError(f"{uri}: no such checkpoint (nothing under that prefix)")
-    src.fetch(rel_files, (), scratch)
-    return scratch
 
 
 # --------------------------------------------------------------------------------------
@@ -474,7 +418,7 @@ def resolve_model(uri_or_name: str, registry: str | None = None, cache_dir: str 
 
 
 def _resolve_path(ref: str, cache_dir: str | Path | None) -> Path:
-    store = _store(ref)
+    store = _Store(ref)
     if store.read_bytes(METADATA_FILE) is not None:  # <registry>/<model>/<version>
         parent, _, version = ref.rpartition("/")
         reg, _, model = parent.rpartition("/")
@@ -482,7 +426,7 @@ def _resolve_path(ref: str, cache_dir: str | Path | None) -> Path:
             raise RegistryError(f"{ref}: has {METADATA_FILE} but is not <registry>/<model>/<version>")
         return ModelRegistry(reg or ".").fetch(model, int(version), cache_dir)
     if store.read_bytes(CHECKPOINT_META) is not None:  # a checkpoint as training wrote it
-        return store.root if isinstance(store, _LocalStore) else checkpoint.local_copy(ref)
+        return Path(store.uri) if not store.is_s3 else checkpoint.local_copy(ref)
     reg, _, model = ref.rpartition("/")
     if reg and any(v.isdigit() for v in store.list_dirs()):  # <registry>/<model>: its latest version
         return ModelRegistry(reg).fetch(model, None, cache_dir)
