@@ -1,0 +1,109 @@
+"""Where to click next, tested: N more clicks per CamVid training image, three ways.
+
+From a trained model with two or more students, for every training image:
+  suggested      the committee's suggestions (`serving.committee`: the most interior points of
+                 the regions where the students' teachers disagree most), what `seminar predict`
+                 and the endpoint offer;
+  disagreement_max the N pixels where the teachers disagree most, SPACING apart (the same
+                 signal as suggested, placed at its peaks instead of inside its regions);
+  least_confident the N pixels where the served network's top class probability is lowest,
+                 at least SPACING pixels (at inference size) apart;
+  random         N pixels drawn uniformly.
+A simulated annotator labels each point with the ground-truth class under it; a point on
+void (CamVid's unlabelled pixels) gets no label and is counted as spent. Each arm is written
+as a click table (`OUT/ARM.parquet`, source `user`) for `data.extra_clicks`; a summary (clicks
+spent, kept, kept where the served network was wrong, per class) goes to `OUT/summary.json`.
+The retraining is scripts/active_learning_study.sh.
+
+    .venv/bin/python scripts/active_learning_clicks.py runs/camvid/study-pce2_1pc-s0 \
+        --config jobs/configs/camvid.yaml --clicks 4 --out runs/camvid/al
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seminar.config import load_spec
+from seminar.data import build_dataset, make_click_table, write_click_table
+from seminar.data.base import IGNORE_INDEX
+from serving.batching import restore_size
+from serving.committee import Committee, suggested_clicks
+
+ARMS = ("suggested", "disagreement_max", "least_confident", "random")
+SPACING = 8  # pixels at inference size between two points of the pixel-wise arms (their extremes clump)
+
+
+def lowest_points(score: torch.Tensor, count: int, width: int, height: int) -> list[dict]:
+    """The `count` pixels of lowest score ([h, w] at inference size), SPACING apart, in original pixels."""
+    score = score.clone()
+    h, w = score.shape
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    points = []
+    for _ in range(count):
+        y, x = divmod(int(score.argmin()), w)
+        points.append({"x": min(width - 1, int((x + 0.5) * width / w)), "y": min(height - 1, int((y + 0.5) * height / h))})
+        score[(ys - y) ** 2 + (xs - x) ** 2 < SPACING**2] = float("inf")
+    return points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a run directory or checkpoint with two or more students")
+    parser.add_argument("--config", default="jobs/configs/camvid.yaml", help="the spec whose train split is used")
+    parser.add_argument("--clicks", type=int, default=4, help="new clicks per image and arm")
+    parser.add_argument("--seed", type=int, default=0, help="the random arm's seed")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    committee = Committee.load(args.model, None, "torch", 2)
+    if not committee.members:
+        parser.error(f"{args.model}: one network, no committee to disagree")
+    dataset = build_dataset(load_spec(args.config).data, "train")
+    rng = np.random.default_rng(args.seed)
+    picked: dict[str, list] = {arm: [] for arm in ARMS}
+    spent = {arm: 0 for arm in ARMS}
+    wrong = {arm: 0 for arm in ARMS}  # kept clicks where the served network was wrong: what a click can teach
+    for i in range(len(dataset)):
+        sample = dataset.load(i)  # original size: the points are in original pixels
+        height, width = sample.mask.shape
+        [(probs, disagreement)] = committee([committee.served.model_input(sample.image)])
+        served, _ = restore_size(probs, height, width)
+        points = {
+            "suggested": suggested_clicks(disagreement.numpy(), args.clicks, width, height),
+            "disagreement_max": lowest_points(-disagreement, args.clicks, width, height),
+            "least_confident": lowest_points(probs.max(0).values, args.clicks, width, height),
+            "random": [{"x": int(x), "y": int(y)} for x, y in
+                       zip(rng.integers(0, width, args.clicks), rng.integers(0, height, args.clicks))],
+        }
+        for arm, arm_points in points.items():
+            spent[arm] += len(arm_points)
+            rank = 1
+            for p in arm_points:
+                cls = int(sample.mask[p["y"], p["x"]])
+                if cls != IGNORE_INDEX:  # the annotator skips what has no class
+                    picked[arm].append((sample.image_id, p["x"], p["y"], cls, rank))
+                    wrong[arm] += int(served[p["y"], p["x"]] != cls)
+                    rank += 1
+        if i % 50 == 0:
+            print(f"{i}/{len(dataset)} images", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"model": args.model, "images": len(dataset), "clicks_per_image": args.clicks}
+    for arm in ARMS:
+        ids, xs, ys, classes, ranks = zip(*picked[arm]) if picked[arm] else ([],) * 5
+        write_click_table(make_click_table(ids, xs, ys, classes, ranks, source="user"), str(out / f"{arm}.parquet"))
+        summary[arm] = {"spent": spent[arm], "kept": len(picked[arm]), "served_wrong": wrong[arm],
+                        "per_class": np.bincount(np.array(classes, int), minlength=11).tolist()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
