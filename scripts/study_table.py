@@ -48,7 +48,7 @@ def main() -> None:
         return
     rows: dict[str, dict[int, dict]] = defaultdict(dict)
     for run in sorted(args.root.glob("study-*")):
-        match = re.fullmatch(r"study-(\w+)-s(\d+)", run.name)
+        match = re.fullmatch(r"study-(.+)-s(\d+)", run.name)
         if match and (run / "metrics.jsonl").is_file() and (m := final(run)):
             rows[match[1]][int(match[2])] = m
     print("| row | seeds | served mIoU mean | min-max | per seed | served network | "
