@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The active-learning study of docs/results.md: does a click where the students' teachers
+# disagree teach more than a click elsewhere? From a trained two-student model (round 0),
+# scripts/active_learning_clicks.py adds N clicks per CamVid training image four ways
+# (suggested, disagreement_max, least_confident, random; a simulated annotator labels them
+# from the masks);
+# then one student is retrained on the same schedule, from ImageNet weights, with the
+# round-0 clicks (one per class per image) plus each arm's, and without (none).
+# Runs land in runs/camvid/study-pce_1pc-al-ARM-sSEED; summarise with
+#   .venv/bin/python scripts/study_table.py runs/camvid --rows pce_1pc-al-none,pce_1pc-al-random,...
+# Usage: bash scripts/active_learning_study.sh [ROUND0_RUN] [SEEDS] [CLICKS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:-runs/camvid/study-pce2_1pc-s0}
+seeds=${2:-"0 1 2"}
+clicks=${3:-4}
+out=runs/camvid/al
+[ -f "$out/summary.json" ] || .venv/bin/python scripts/active_learning_clicks.py "$model" --clicks "$clicks" --out "$out"
+for seed in $seeds; do
+  for arm in none random least_confident suggested disagreement_max; do
+    extra=()
+    [ "$arm" = none ] || extra=(--set "data.extra_clicks=[$out/$arm.parquet]")
+    STUDY_TAG=al-$arm bash scripts/camvid_study.sh pce_1pc "$seed" "${extra[@]}"
+  done
+done
