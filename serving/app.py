@@ -145,6 +145,7 @@ class SegmentationService:
         self.infer.set_max_batch_size(cfg.max_batch_size)
         self.in_flight = 0  # segment requests in this replica, from body read to answer
         self.uploads = 0  # request bodies being received
+        self.crowded_until = 0.0  # time.monotonic() until which new bodies get only SLOW_UPLOAD_S
         self.forward_idle = asyncio.Event()  # set while no batched forward runs
         self.forward_idle.set()
         self.metrics = ServingMetrics(self.version, self.segmenter.which)
@@ -226,14 +227,20 @@ class SegmentationService:
         max_slow_uploads in flight get body_timeout_s (then 408); while that many are in flight,
         a new one must arrive within SLOW_UPLOAD_S or is told to come back (503), so senders that
         never finish cannot hold every slot in turn, while fast uploads, however many, arrive
-        well within it."""
-        crowded = self.uploads >= self.cfg.max_slow_uploads
+        well within it. A crowd keeps that rule on until body_timeout_s after it was last seen (or
+        one of its bodies was refused): Serve's router lets a flood of slow senders in a few at
+        a time, and they must not earn a second round of full timeouts when the first ends."""
+        now = time.monotonic()
+        if self.uploads >= self.cfg.max_slow_uploads:
+            self.crowded_until = now + self.cfg.body_timeout_s
+        crowded = now < self.crowded_until
         self.uploads += 1
         try:
             return await read_upload(request, max_bytes, min(SLOW_UPLOAD_S, self.cfg.body_timeout_s)
                                      if crowded else self.cfg.body_timeout_s, json_body)
         except InputError as error:
             if crowded and error.error == "body_timeout":
+                self.crowded_until = time.monotonic() + self.cfg.body_timeout_s  # the flood goes on
                 raise InputError(503, "busy", f"{self.uploads - 1} other uploads in progress; retry",
                                  self.cfg.retry_after_s) from None
             raise
