@@ -100,7 +100,7 @@ def main() -> None:
         ids, xs, ys, classes, ranks = zip(*picked[arm]) if picked[arm] else ([],) * 5
         write_click_table(make_click_table(ids, xs, ys, classes, ranks, source="user"), str(out / f"{arm}.parquet"))
         summary[arm] = {"spent": spent[arm], "kept": len(picked[arm]), "served_wrong": wrong[arm],
-                        "per_class": np.bincount(np.array(classes, int), minlength=11).tolist()}
+                        "per_class": np.bincount(np.array(classes, int), minlength=dataset.info.num_classes).tolist()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
 

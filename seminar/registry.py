@@ -133,12 +133,13 @@ class _Store:
         return sorted(i.path[len(base) + 1:] for i in self._entries(parts, True) if i.type == pafs.FileType.File)
 
     def read_bytes(self, *parts: str) -> bytes | None:
-        if self.fs.get_file_info(self._path(*parts)).type != pafs.FileType.File:
+        try:
+            return storage.read_bytes(self.join(*parts))
+        except (FileNotFoundError, IsADirectoryError):  # one request, not a lookup and then a read
             return None
-        return storage.read_bytes(self.join(*parts))
 
     def put_file(self, local: Path, *parts: str) -> None:
-        storage.write_bytes(self.join(*parts), local.read_bytes())
+        storage.upload_file(local, self.join(*parts))
 
     def put_bytes(self, data: bytes, *parts: str) -> None:
         storage.write_bytes(self.join(*parts), data)  # whole or not at all: readers never see half a file

@@ -80,6 +80,14 @@ def download_dir(uri: str, local: str | Path) -> Path:
     return Path(local)
 
 
+def upload_file(local: str | Path, uri: str) -> None:
+    """Copy one local file to uri, streamed (a checkpoint's weights need not fit in memory twice)."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
 def download_file(uri: str, local: str | Path) -> Path:
     """Copy one file, streamed; it appears at `local` complete or not at all."""
     local = Path(local)

@@ -100,19 +100,28 @@ class LabelingConfig:
     class_labels: dict[int, str]  # model class id -> the config's label for it
 
 
-def labeling_config(xml: str, classes: tuple[str, ...] | list[str]) -> LabelingConfig:
-    """Parse a labeling config; InputError 422 naming what is missing."""
+def _parse_config(xml: str) -> ET.Element:
     try:
-        root = ET.fromstring(xml)
+        return ET.fromstring(xml)
     except ET.ParseError as e:
         raise InputError(422, "invalid_label_config", f"label_config: not XML ({e})") from None
+
+
+def _image_keys(root: ET.Element) -> dict[str, str]:
+    """<Image name="photo" value="$image"> tags as {"photo": "image"}: where each takes its image in a task's data."""
+    return {t.get("name"): t.get("value")[1:] for t in root.iter("Image") if t.get("value", "").startswith("$")}
+
+
+def labeling_config(xml: str, classes: tuple[str, ...] | list[str]) -> LabelingConfig:
+    """Parse a labeling config; InputError 422 naming what is missing."""
+    root = _parse_config(xml)
     brush = next(root.iter("BrushLabels"), None)
     if brush is None:
         raise InputError(422, "invalid_label_config", "label_config: no <BrushLabels> tag (this backend answers "
                                                       "with brush masks)")
     to_name = brush.get("toName", "")
-    image = next((t for t in root.iter("Image") if t.get("name") == to_name), None)
-    if image is None or not image.get("value", "").startswith("$"):
+    image_key = _image_keys(root).get(to_name)
+    if image_key is None:
         raise InputError(422, "invalid_label_config", f"label_config: <BrushLabels toName=\"{to_name}\"> names no "
                                                       f"<Image> with value=\"$key\"")
     by_name = {c.lower(): i for i, c in enumerate(classes)}
@@ -121,7 +130,7 @@ def labeling_config(xml: str, classes: tuple[str, ...] | list[str]) -> LabelingC
     if not class_labels:
         raise InputError(422, "invalid_label_config", f"label_config: none of the labels {labels[:10]} is one of "
                                                       f"the model's classes {list(classes)}")
-    return LabelingConfig(image.get("value")[1:], to_name, brush.get("name", ""), class_labels)
+    return LabelingConfig(image_key, to_name, brush.get("name", ""), class_labels)
 
 
 # ---- task images -------------------------------------------------------------------------
@@ -243,11 +252,9 @@ def _annotated_image(task: dict, to_name: str, project) -> str:
     xml = project.get("label_config") if isinstance(project, dict) else None
     if isinstance(xml, str):
         try:
-            images = {t.get("name"): t.get("value", "") for t in ET.fromstring(xml).iter("Image")}
-        except ET.ParseError:
-            images = {}
-        if images.get(to_name, "").startswith("$"):
-            key = images[to_name][1:]
+            key = _image_keys(_parse_config(xml)).get(to_name, key)
+        except InputError:  # a config we cannot read: the fallbacks above
+            pass
     if key is None or not isinstance(data.get(key), str):
         raise InputError(422, "invalid_webhook", f"task.data: which value holds the image '{to_name}' is not known "
                                                  f"(send the project with the webhook, or name the data key as the "
