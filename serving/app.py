@@ -48,7 +48,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
-from ray.serve.config import BackpressureConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -78,6 +78,12 @@ CLICKS_MAX_BYTES = 2**20  # a POST /v1/clicks body
 # Room for the multipart envelope around an image of max_bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 SLOW_UPLOAD_S = 1.0  # the time a body gets while serving.max_slow_uploads others are arriving
+CROWDED_STALL_S = 0.25  # ... and the longest it may then pause between two chunks
+# Serve's router holds requests that find the replicas full and asks again after a backoff that
+# grows to 0.5 s by default, admitting two requests per replica per round: the queue behind a
+# burst drains at ~4 requests/s. Asking every 50 ms at most drains it ten times faster, for two
+# queue-length probes per replica per 50 ms while the queue is not empty.
+ROUTER_MAX_BACKOFF_S = 0.05
 OutputFormat = Literal["png", "json", "overlay"]
 
 
@@ -225,9 +231,9 @@ class SegmentationService:
     async def receive(self, request: Request, max_bytes: int, json_body: bool = False) -> bytes:
         """The request's body. A body still arriving holds a replica slot: the first
         max_slow_uploads in flight get body_timeout_s (then 408); while that many are in flight,
-        a new one must arrive within SLOW_UPLOAD_S or is told to come back (503), so senders that
-        never finish cannot hold every slot in turn, while fast uploads, however many, arrive
-        well within it. A crowd keeps that rule on until body_timeout_s after it was last seen (or
+        a new one must arrive within SLOW_UPLOAD_S without pausing for more than CROWDED_STALL_S,
+        or is told to come back (503), so senders that never finish cannot hold every slot in
+        turn, while fast uploads, however many, arrive well within it. A crowd keeps that rule on until body_timeout_s after it was last seen (or
         one of its bodies was refused): Serve's router lets a flood of slow senders in a few at
         a time, and they must not earn a second round of full timeouts when the first ends."""
         now = time.monotonic()
@@ -236,8 +242,10 @@ class SegmentationService:
         crowded = now < self.crowded_until
         self.uploads += 1
         try:
-            return await read_upload(request, max_bytes, min(SLOW_UPLOAD_S, self.cfg.body_timeout_s)
-                                     if crowded else self.cfg.body_timeout_s, json_body)
+            if crowded:
+                return await read_upload(request, max_bytes, min(SLOW_UPLOAD_S, self.cfg.body_timeout_s),
+                                         json_body, stall_s=CROWDED_STALL_S)
+            return await read_upload(request, max_bytes, self.cfg.body_timeout_s, json_body)
         except InputError as error:
             if crowded and error.error == "body_timeout":
                 self.crowded_until = time.monotonic() + self.cfg.body_timeout_s  # the flood goes on
@@ -355,16 +363,18 @@ def _finite(metrics: dict) -> dict:
 # ---- HTTP ----------------------------------------------------------------------------
 
 
-async def read_upload(request: Request, max_bytes: int, timeout_s: float, json_body: bool = False) -> bytes:
+async def read_upload(request: Request, max_bytes: int, timeout_s: float, json_body: bool = False,
+                      stall_s: float | None = None) -> bytes:
     """The image bytes of a raw or multipart body (or with `json_body`, a JSON body), refusing
-    oversize bodies early and bodies that have not arrived within `timeout_s` (408)."""
+    oversize bodies early and bodies that have not arrived within `timeout_s`, or (with
+    `stall_s`) that paused longer than that between two chunks (408)."""
     try:
-        return await asyncio.wait_for(_read_body(request, max_bytes, json_body), timeout_s)
+        return await asyncio.wait_for(_read_body(request, max_bytes, json_body, stall_s), timeout_s)
     except asyncio.TimeoutError:
         raise InputError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
 
 
-async def _read_body(request: Request, max_bytes: int, json_body: bool = False) -> bytes:
+async def _read_body(request: Request, max_bytes: int, json_body: bool = False, stall_s: float | None = None) -> bytes:
     content_type = mime_type(request.headers.get("content-type"))
     multipart = content_type == "multipart/form-data" and not json_body
     if json_body and content_type != "application/json":
@@ -377,7 +387,14 @@ async def _read_body(request: Request, max_bytes: int, json_body: bool = False) 
     if declared_length.isdigit():
         check_size(int(declared_length), limit)
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = aiter(request.stream())
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), stall_s)  # stall_s None: no limit
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise InputError(408, "body_timeout", f"the request body paused for over {stall_s:g} s") from None
         body += chunk
         check_size(len(body), limit)
     data = await _file_field(request, bytes(body)) if multipart else bytes(body)
@@ -509,6 +526,7 @@ def deployment_options(cfg: ServingConfig) -> dict:
         "max_queued_requests": cfg.max_queued_requests,
         # Without retry_after_s Serve's 503 carries no Retry-After header.
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
+        "request_router_config": RequestRouterConfig(max_backoff_s=ROUTER_MAX_BACKOFF_S),
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.device == "cuda" else 0},
     }
     if cfg.omp_wait_policy:  # read when OpenMP starts: it must be in the replica's environment
