@@ -90,7 +90,7 @@ class StepLog(UserCallback):
             f.write(json.dumps(metrics[0]) + "\n")
 
 
-def spec(args, num_students: int, storage: str, exchange: bool = True) -> TrainConfig:
+def spec(args, num_students: int, storage: str, *extra: str, exchange: bool = True) -> TrainConfig:
     students = [f"students.{k}.model={args.model}" for k in range(2)] + ["students.1.seed=1"]
     cfg = load_spec(None, [
         *students,
@@ -98,7 +98,7 @@ def spec(args, num_students: int, storage: str, exchange: bool = True) -> TrainC
         f"data.synthetic.num_train={max(64, 4 * args.batch)}", "data.synthetic.num_val=4",
         *([] if exchange else ["method.w_ss=0"]), f"optim.batch_size={args.batch}", f"optim.steps={args.steps}", "schedule.log_every=1",
         f"schedule.eval_every={args.steps}", f"schedule.checkpoint_every={args.steps}",
-        "method.ss_start=0", f"storage.path={storage}", *args.overrides])
+        "method.ss_start=0", f"storage.path={storage}", *extra, *args.overrides])
     if num_students < cfg.num_students:
         data = cfg.model_dump()
         data["students"] = data["students"][:num_students]
@@ -128,10 +128,9 @@ def step_figures(times: list[float], cpu: list[float], waits: list[float]) -> di
             "wait": statistics.mean(waits), "cpu": statistics.median(cpu)}
 
 
-def on_ray(cfg: TrainConfig, workdir: Path, name: str, lookahead: bool = True) -> list[dict]:
+def on_ray(cfg: TrainConfig, workdir: Path, name: str) -> list[dict]:
     log = workdir / f"{name}.jsonl"
-    trainer = build_trainer(cfg, f"bench-{name}-{os.getpid()}", callbacks=[StepLog(str(log))],
-                            lookahead=lookahead, keep_checkpoints=1)
+    trainer = build_trainer(cfg, f"bench-{name}-{os.getpid()}", callbacks=[StepLog(str(log))], keep_checkpoints=1)
     trainer.fit()
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -197,11 +196,11 @@ def main(argv=None) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="seminar-bench-"))
     runs = str(workdir / "runs")
-    configs = {  # name -> (spec, students per run, lookahead)
-        "k_on_k": (spec(args, K, runs), K, True),
-        "k_on_k_sync": (spec(args, K, runs), K, False),
-        "k_on_k_alone": (spec(args, K, runs, exchange=False), K, True),
-        "one": (spec(args, 1, runs), 1, True),
+    configs = {  # name -> (spec, students per run)
+        "k_on_k": (spec(args, K, runs), K),
+        "k_on_k_sync": (spec(args, K, runs, "resources.exchange_lookahead=false"), K),
+        "k_on_k_alone": (spec(args, K, runs, exchange=False), K),
+        "one": (spec(args, 1, runs), 1),
     }
     load_before = os.getloadavg()[0]
     t0 = time.time()
@@ -209,12 +208,12 @@ def main(argv=None) -> None:
     started_here = connect(args.address, configs["k_on_k"][0])
     try:
         for r in range(args.rounds):  # interleaved, so that other users' load hits every configuration
-            for name, (cfg, _, lookahead) in configs.items():
-                steps[name] += on_ray(cfg, workdir, f"{name}-{r}", lookahead)
+            for name, (cfg, _) in configs.items():
+                steps[name] += on_ray(cfg, workdir, f"{name}-{r}")
     finally:
         if started_here:
             ray.shutdown()
-    results = {name: summarize(steps[name], n, args.warmup, args.steps) for name, (_, n, _) in configs.items()}
+    results = {name: summarize(steps[name], n, args.warmup, args.steps) for name, (_, n) in configs.items()}
     threads = args.inproc_threads or max(1, int(configs["k_on_k"][0].resources.cpus_per_worker))
     # One in-process step trains all K students.
     results["in_process"] = summarize(in_process(configs["k_on_k"][0], threads), 1, args.warmup, args.steps)

@@ -58,16 +58,6 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- worker side
 
 
-@dataclass(frozen=True)
-class FaultInjection:
-    """Test hook: world rank `rank` kills its process when it reports step >= `step`, once
-    (the `marker` file records that it happened, so the restarted worker carries on)."""
-
-    rank: int
-    step: int
-    marker: str
-
-
 def train_fn_per_worker(config: dict) -> None:
     """The training function of one worker (Ray Train calls it with `train_loop_config`)."""
     from seminar.engine import WorkerContext, train_worker  # the method; imported on the worker
@@ -108,11 +98,11 @@ def train_fn_per_worker(config: dict) -> None:
                                channels_last=cfg.resources.channels_last)
         exchange = RayExchange(board, num_students, replica=replica, num_replicas=num_replicas,
                                attempt=attempt, timeout_s=config["exchange_timeout_s"])
-    if not config.get("lookahead", True):  # benchmark switch: no overlap of exchange and compute
+    if not cfg.resources.exchange_lookahead:
         exchange = PublishOnCollect(exchange)
 
     with checkpoint_parts(ray_checkpoint, worker.students) as resume_from:
-        reporter = Reporter(cfg, worker, rank, world_size, attempt, resumed_step, config.get("fault"))
+        reporter = Reporter(cfg, worker, rank, world_size, attempt, resumed_step)
         try:
             train_worker(cfg, worker, exchange, reporter, resume_from=resume_from)
         finally:
@@ -144,9 +134,8 @@ class Reporter:
     metrics and reports them all.
     """
 
-    def __init__(self, cfg: TrainConfig, worker, rank: int, world_size: int, attempt: int,
-                 resumed_step: int, fault: FaultInjection | None):
-        self.cfg, self.rank, self.world_size, self.fault = cfg, rank, world_size, fault
+    def __init__(self, cfg: TrainConfig, worker, rank: int, world_size: int, attempt: int, resumed_step: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.run_info = {"run/attempt": attempt, "run/resumed_from_step": resumed_step}
         # Only replica 0 of a student exports it: its replicas report the same reduced values.
         self.ray_metrics = TrainMetrics(cfg.storage.run_name or "run", worker.students) if worker.replica == 0 else None
@@ -155,7 +144,6 @@ class Reporter:
                           cfg.storage.tensorboard) if rank == 0 else None
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        self._maybe_inject_fault(metrics)
         if self.ray_metrics:
             self.ray_metrics.record(metrics)
         merged = {**self._gather(metrics), **self.run_info}
@@ -189,13 +177,6 @@ class Reporter:
             for key, value in rank_metrics.items():
                 merged.setdefault(key, value)
         return merged
-
-    def _maybe_inject_fault(self, metrics: dict[str, float]) -> None:
-        f = self.fault
-        if f and self.rank == f.rank and metrics.get("step", 0) >= f.step and not Path(f.marker).exists():
-            Path(f.marker).write_text(f"rank {self.rank} exited at step {metrics.get('step')}\n")
-            logger.warning("fault injection: rank %d exits at step %s", self.rank, metrics.get("step"))
-            os._exit(1)
 
 
 @contextmanager
@@ -244,8 +225,7 @@ def storage_location(uri: str):
 
 def build_trainer(cfg: TrainConfig, run_name: str, callbacks=None, *, num_workers: int | None = None,
                   placement_strategy: str = "PACK", exchange_timeout_s: float = DEFAULT_TIMEOUT_S,
-                  keep_checkpoints: int | None = 2, lookahead: bool = True,
-                  fault: FaultInjection | None = None) -> TorchTrainer:
+                  keep_checkpoints: int | None = 2, train_fn=train_fn_per_worker) -> TorchTrainer:
     """The `TorchTrainer` of one run: K×R workers, checkpoints under `storage.path/run_name`.
 
     `callbacks` are Ray Train callbacks (a Tune function trainable passes
@@ -253,8 +233,8 @@ def build_trainer(cfg: TrainConfig, run_name: str, callbacks=None, *, num_worker
     student in this process (Ray Train's local mode, for tests: it persists no checkpoint). `placement_strategy="STRICT_SPREAD"`
     puts every worker on a different node. Starting a run name that exists resumes it from
     its latest checkpoint (a finished run just returns its result). On a multi-node cluster
-    `storage.path` must be shared by all nodes: s3:// or a network file system. `lookahead=False` (for benchmarks) holds every publish back until
-    the same step is collected, which puts the exchange on the critical path.
+    `storage.path` must be shared by all nodes: s3:// or a network file system. `train_fn`
+    is what each worker runs (tests wrap `train_fn_per_worker` to kill a worker mid-run).
     """
     cfg = cfg.model_copy(deep=True)
     cfg.storage.run_name = run_name  # the checkpoints' metadata names the run
@@ -268,9 +248,8 @@ def build_trainer(cfg: TrainConfig, run_name: str, callbacks=None, *, num_worker
         cfg.storage.path = storage_path  # absolute: workers do not run in the driver's directory
     board = ExchangeBoard.remote(cfg.num_students, cfg.resources.replicas_per_student)
     return TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"cfg": cfg, "board": board, "exchange_timeout_s": exchange_timeout_s,
-                           "lookahead": lookahead, "fault": fault},
+        train_fn,
+        train_loop_config={"cfg": cfg, "board": board, "exchange_timeout_s": exchange_timeout_s},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers if num_workers is None else num_workers,
             use_gpu=cfg.resources.gpus_per_worker > 0,

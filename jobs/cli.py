@@ -118,8 +118,7 @@ def tune(
 
 
 def _print_submitted(job) -> None:
-    console.print(f"submitted job [bold]{job.job_id}[/] to {job.address} "
-                  f"(working dir {job.working_dir_bytes / 2**20:.1f} MiB)")
+    console.print(f"submitted job [bold]{job.job_id}[/] to {job.address}")
     console.print(f"  results:   {job.storage}")
     console.print(f"  logs:      seminar jobs logs {job.job_id} -f   (dashboard: {job.address}/#/jobs/{job.job_id})")
     # The bare id last, alone on its line, for scripts: `seminar submit ... | tail -1`.

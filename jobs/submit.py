@@ -1,9 +1,10 @@
 """Submitting job specs to a Ray cluster through Ray's Jobs API, and watching them.
 
-A submission packs the project's code and the validated spec into the job's working
-directory (Ray uploads it to the cluster), and runs
+A submission hands Ray the project's code as the job's `working_dir` (minus
+WORKING_DIR_EXCLUDES: Ray packs and uploads it) and the validated spec in the job's
+environment ($SEMINAR_JOB_SPEC), and runs
 
-    python -m jobs.main train --config job_spec.yaml        (or `tune job_spec.yaml`)
+    python -m jobs.job train        (or `tune`)
 
 on the head node, where the command connects to the cluster it runs in. Everything here
 talks to the cluster's dashboard (the Jobs API, http://HEAD:8265) with
@@ -20,15 +21,12 @@ Every failure to talk to the cluster becomes one `ClusterError` with a one-line 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import os
 import secrets
 import shlex
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,21 +37,22 @@ from urllib.parse import urlparse
 from seminar.registry import CODE_VERSION_ENV, code_version
 from seminar.config import SweepConfig, TrainConfig, dump_spec
 
+from .job import JOB_SPEC_ENV
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-JOB_SPEC_FILE = "job_spec.yaml"
 
-# What stays on the user's machine: environments, outputs, data and weights, VCS.
-# Patterns with a '/' are anchored at the repository root; the others match any name.
+# What stays on the user's machine: environments, outputs, data and weights, VCS (gitignore
+# patterns, as Ray's runtime_env `excludes` reads them: one with a '/' is anchored at the
+# repository root; Ray also leaves out what .gitignore names).
 WORKING_DIR_EXCLUDES = (
     ".git", ".gitignore", ".venv", "venv", ".env", "runs", "out", "tests/data", ".whl", ".gl",
     "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".ipynb_checkpoints",
     "node_modules", "*.pt", "*.pth", "*.ckpt", "*.parquet", "*.png", "*.jpg", "*.jpeg",
 )
-WORKING_DIR_WARN_BYTES = 20 * 2**20
 
 
 class ClusterError(RuntimeError):
@@ -155,37 +154,15 @@ def connect(address: str | None = None) -> JobSubmissionClient:
 
 
 # --------------------------------------------------------------------------------------
-# The working directory: the project's code plus the spec
+# The job: the project's code, the spec in its environment
 # --------------------------------------------------------------------------------------
 
 
-def _excluded(rel: str, name: str) -> bool:
-    for pattern in WORKING_DIR_EXCLUDES:
-        if "/" in pattern:
-            if rel == pattern or rel.startswith(pattern + "/"):
-                return True
-        elif fnmatch.fnmatch(name, pattern):
-            return True
-    return False
-
-
-def stage_working_dir(cfg: TrainConfig, dest: Path, repo: Path = REPO_ROOT) -> Path:
-    """Copy the project (minus WORKING_DIR_EXCLUDES) to dest and write the spec beside it."""
-
-    def ignore(directory: str, names: list[str]) -> list[str]:
-        rel_dir = Path(directory).relative_to(repo).as_posix()
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        return [n for n in names if _excluded(prefix + n, n)]
-
-    shutil.copytree(repo, dest, ignore=ignore, dirs_exist_ok=True)
-    (dest / JOB_SPEC_FILE).write_text(dump_spec(cfg))
-    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-    if size > WORKING_DIR_WARN_BYTES:
-        biggest = sorted(dest.rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)[-3:]
-        print(f"warning: the job's working dir is {size / 2**20:.0f} MiB "
-              f"(largest: {', '.join(str(p.relative_to(dest)) for p in biggest)}); keep data out of the "
-              "repository or add it to WORKING_DIR_EXCLUDES", file=sys.stderr)
-    return dest
+def job_runtime_env(cfg: TrainConfig, repo: Path = REPO_ROOT) -> dict:
+    """Ray's runtime_env of a submitted job: the code as its working_dir, the spec (and the
+    code version: the job has no .git) in its environment, read by `jobs.job`."""
+    return {"working_dir": str(repo), "excludes": list(WORKING_DIR_EXCLUDES),
+            "env_vars": {JOB_SPEC_ENV: dump_spec(cfg), CODE_VERSION_ENV: code_version()}}
 
 
 def for_cluster(cfg: TrainConfig, run_name: str | None) -> TrainConfig:
@@ -225,7 +202,6 @@ class SubmittedJob:
     address: str
     run_name: str
     storage: str  # where the run (checkpoints, sweep results) lands: <storage.path>/<run_name>
-    working_dir_bytes: int = 0
 
 
 def new_run_name(kind: str = "train") -> str:
@@ -246,30 +222,25 @@ def submit_spec(cfg: TrainConfig, address: str | None = None, *, kind: str = "tr
         run_name = given or new_run_name("tune")
         cfg = for_cluster(cfg, None)
         cfg = cfg.model_copy(update={"sweep": (cfg.sweep or SweepConfig()).model_copy(update={"name": run_name})})
-        entrypoint = f"{shlex.quote(python)} -m jobs.main tune {JOB_SPEC_FILE}"
+        entrypoint = f"{shlex.quote(python)} -m jobs.job tune"
     else:
         given = cfg.storage.run_name
         run_name = given or new_run_name("train")
         cfg = for_cluster(cfg, run_name)
-        entrypoint = f"{shlex.quote(python)} -m jobs.main train --config {JOB_SPEC_FILE}"
+        entrypoint = f"{shlex.quote(python)} -m jobs.job train"
     if "://" not in cfg.storage.path and urlparse(address).hostname not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: storage.path {cfg.storage.path} is a directory on the cluster's nodes, not on this "
               "machine; a cluster of several nodes needs shared storage (s3://bucket/prefix)", file=sys.stderr)
     # A new name doubles as the job id; a given name (resuming a run) may be submitted again.
     job_id = f"{run_name}-{secrets.token_hex(2)}" if given else run_name
-    with tempfile.TemporaryDirectory(prefix="seminar-job-") as tmp:
-        working_dir = stage_working_dir(cfg, Path(tmp) / "working_dir")
-        size = sum(p.stat().st_size for p in working_dir.rglob("*") if p.is_file())
-        with cluster_errors(address):
-            job_id = client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=job_id,
-                runtime_env={"working_dir": str(working_dir),
-                             # The job has no .git: it records the code version it came from.
-                             "env_vars": {CODE_VERSION_ENV: code_version()}},
-                metadata={"seminar_kind": kind, "seminar_run": run_name, "seminar_storage": cfg.storage.path},
-            )
-    return SubmittedJob(job_id, address, run_name, f"{cfg.storage.path.rstrip('/')}/{run_name}", size)
+    with cluster_errors(address):
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env=job_runtime_env(cfg),
+            metadata={"seminar_kind": kind, "seminar_run": run_name, "seminar_storage": cfg.storage.path},
+        )
+    return SubmittedJob(job_id, address, run_name, f"{cfg.storage.path.rstrip('/')}/{run_name}")
 
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

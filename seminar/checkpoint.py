@@ -14,7 +14,6 @@ worker writes only the students it owns; the directories merge into one checkpoi
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -132,7 +131,7 @@ def local_copy(uri: str, files: list[str] | None = None) -> Path:
         if not (path / META).is_file():
             raise FileNotFoundError(f"{uri} is not a checkpoint (no {META})")
         return path
-    cache = Path(tempfile.gettempdir()) / "seminar-checkpoints" / uri.rstrip("/")[len("s3://"):].replace("/", "__")
+    cache = storage.cache_dir("checkpoints") / uri.rstrip("/")[len("s3://"):].replace("/", "__")
     if files is None:
         complete = cache / ".complete"
         if not complete.is_file():

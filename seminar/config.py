@@ -194,6 +194,10 @@ class ResourcesConfig(Strict):
     channels_last: bool = Field(False, description="networks in channels-last memory format (faster convolutions "
                                                    "on GPUs with tensor cores)")
     max_failures: int = Field(2, ge=0, description="worker failures a run survives (resumes from checkpoint)")
+    exchange_lookahead: bool = Field(True, description="on Ray: publish a step's pseudo-labels for the peers "
+                                                       "while the step computes; off holds each publish back "
+                                                       "until it is collected (the exchange then costs wall time: "
+                                                       "bench/exchange.py measures the difference)")
 
 
 class StorageConfig(Strict):

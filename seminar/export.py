@@ -37,7 +37,6 @@ from .data.base import MEAN, STD
 METADATA_KEY = "seminar"
 # Bumped when the exported graph changes for the same weights: the cache key includes it.
 EXPORT_VERSION = 1
-CACHE_ENV = "SEMINAR_ONNX_CACHE"  # exported graphs, by weights; default ~/.cache/seminar/onnx
 OPSET = 18
 
 
@@ -95,8 +94,7 @@ def weights_key(network: nn.Module, served: str) -> str:
 
 def cached_export(network: nn.Module, metadata: dict) -> bytes:
     """export_onnx, kept in the cache so that a replica that restarts does not export again."""
-    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar" / "onnx")
-    path = cache / f"{weights_key(network, metadata['served'])}.onnx"
+    path = storage.cache_dir("onnx") / f"{weights_key(network, metadata['served'])}.onnx"
     if path.is_file():
         return path.read_bytes()
     data = export_onnx(network, metadata)

@@ -43,7 +43,6 @@ RESUME_ONLY = ("optimizer.pt", checkpoint.LOOK_AHEAD)  # checkpoint files servin
 CHECKPOINT_META = checkpoint.META  # written by training; marks a checkpoint dir
 DEFAULT_REGISTRY_ENV = "SEMINAR_REGISTRY"
 DEFAULT_REGISTRY = "runs/registry"
-CACHE_ENV = "SEMINAR_MODEL_CACHE"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -273,11 +272,11 @@ class ModelRegistry:
         return ModelVersion(model, version, self.store.join(model, str(version)), metadata)
 
     @_wrap_storage_errors
-    def fetch(self, model: str, version: int | None = None, cache_dir: str | Path | None = None) -> Path:
+    def fetch(self, model: str, version: int | None = None) -> Path:
         """A local, checksum-verified checkpoint directory of model/version.
 
         Local registries are verified and read in place; S3 versions are downloaded once
-        into the cache (`SEMINAR_MODEL_CACHE`, default ~/.cache/seminar/models) and
+        into the cache (`storage.cache_dir("models")`) and
         verified after every download and on every later use.
         """
         mv = self.get(model, version)
@@ -286,8 +285,7 @@ class ModelRegistry:
             local = Path(mv.uri)
         else:
             key = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
-            cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar" / "models")
-            local = cache / key / model / str(mv.version)
+            local = storage.cache_dir("models") / key / model / str(mv.version)
             try:
                 verify_files(local, files, where=str(local))
             except IntegrityError:
@@ -392,7 +390,7 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     return _check_model_name(tail), None
 
 
-def resolve_model(uri_or_name: str, registry: str | None = None, cache_dir: str | Path | None = None) -> Path:
+def resolve_model(uri_or_name: str, registry: str | None = None) -> Path:
     """A local, verified checkpoint directory for any way of naming a model.
 
     Accepted:
@@ -411,24 +409,24 @@ def resolve_model(uri_or_name: str, registry: str | None = None, cache_dir: str 
         (Path(ref).expanduser() / METADATA_FILE).is_file() or (Path(ref).expanduser() / CHECKPOINT_META).is_file())
     try:
         if explicit_path or is_local_dir:
-            return _resolve_path(ref, cache_dir)
+            return _resolve_path(ref)
         model, version = parse_model_ref(ref)
-        return ModelRegistry(registry).fetch(model, version, cache_dir)
+        return ModelRegistry(registry).fetch(model, version)
     except (ClientError, BotoCoreError, OSError) as e:
         raise RegistryError(f"{ref}: {e}") from e
 
 
-def _resolve_path(ref: str, cache_dir: str | Path | None) -> Path:
+def _resolve_path(ref: str) -> Path:
     store = _Store(ref)
     if store.read_bytes(METADATA_FILE) is not None:  # <registry>/<model>/<version>
         parent, _, version = ref.rpartition("/")
         reg, _, model = parent.rpartition("/")
         if not version.isdigit():
             raise RegistryError(f"{ref}: has {METADATA_FILE} but is not <registry>/<model>/<version>")
-        return ModelRegistry(reg or ".").fetch(model, int(version), cache_dir)
+        return ModelRegistry(reg or ".").fetch(model, int(version))
     if store.read_bytes(CHECKPOINT_META) is not None:  # a checkpoint as training wrote it
         return Path(store.uri) if not store.is_s3 else checkpoint.local_copy(ref)
     reg, _, model = ref.rpartition("/")
     if reg and any(v.isdigit() for v in store.list_dirs()):  # <registry>/<model>: its latest version
-        return ModelRegistry(reg).fetch(model, None, cache_dir)
+        return ModelRegistry(reg).fetch(model, None)
     raise RegistryError(f"{ref}: neither a checkpoint (no {CHECKPOINT_META}) nor a registered model")

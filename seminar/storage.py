@@ -19,6 +19,15 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+CACHE_ENV = "SEMINAR_CACHE"
+
+
+def cache_dir(kind: str) -> Path:
+    """This machine's copies of remote things, one folder per kind (`checkpoints` from S3,
+    registry `models`, exported `onnx` graphs): $SEMINAR_CACHE/KIND, default ~/.cache/seminar/KIND."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seminar") / kind
+
+
 # An S3 server that stops answering must become an error, not a hang: each request (of
 # pyarrow's 3 attempts) gives up after this many seconds.
 S3_TIMEOUT_ENV = "SEMINAR_S3_TIMEOUT_S"

@@ -32,14 +32,15 @@ PYTHON = sys.executable
 # Tiny CPU jobs: keep torch from spawning more threads than there are cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The ONNX graphs that serving exports (seminar.export): cached for the session here, not in
-# the user's ~/.cache; set before any Ray process starts, so that replicas share it.
-ONNX_CACHE = tempfile.mkdtemp(prefix="seminar-onnx-")
-os.environ["SEMINAR_ONNX_CACHE"] = ONNX_CACHE
+# What the code caches (seminar.storage.cache_dir: ONNX exports, S3 checkpoints, registry
+# models): kept for the session here, not in the user's ~/.cache; set before any Ray process
+# starts, so that replicas share it.
+CACHE = tempfile.mkdtemp(prefix="seminar-cache-")
+os.environ["SEMINAR_CACHE"] = CACHE
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(ONNX_CACHE, ignore_errors=True)
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 # Ray reads its auth mode when it is first imported, so the session's token must be in the

@@ -6,6 +6,7 @@ cluster (`tests/conftest.py`); the multi-node test adds a node and removes it ag
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -22,8 +23,7 @@ import ray
 from ray.train import Checkpoint, UserCallback
 from rich.console import Console
 
-from cluster import (ClusterUnreachable, FaultInjection, InsufficientResources, StorageNotWritable, build_trainer,
-                     run_training)
+from cluster import ClusterUnreachable, InsufficientResources, StorageNotWritable, build_trainer, run_training
 from cluster.exchange import ExchangeBoard, ExchangeTimeout, RayExchange
 from cluster.trainer import checkpoint_parts
 from seminar import checkpoint, storage
@@ -268,6 +268,24 @@ def exported(scraper: MetricsScraper, k: int) -> bool:
             and scraper.has("ray_seminar_train_step_cpu_seconds_bucket", student=k))
 
 
+def train_fn_whose_rank_dies(config: dict, *, rank: int, step: int, marker: str) -> None:
+    """`train_fn_per_worker`, except that world rank `rank` kills its process when it reports
+    step >= `step`, once (the `marker` file records that it happened, so the restarted worker
+    carries on)."""
+    from cluster import trainer
+
+    report = trainer.Reporter.__call__
+
+    def report_or_die(self, metrics, checkpoint_dir):
+        if self.rank == rank and metrics.get("step", 0) >= step and not Path(marker).exists():
+            Path(marker).write_text(f"rank {rank} exited at step {metrics['step']}\n")
+            os._exit(1)
+        report(self, metrics, checkpoint_dir)
+
+    trainer.Reporter.__call__ = report_or_die  # in this worker's process only
+    trainer.train_fn_per_worker(config)
+
+
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     """Rank 1 dies at step 3: the group restarts from the step-2 checkpoint and finishes
@@ -278,7 +296,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     scraper.start()
     try:
         summary = run_training(cfg, address=ray_session.address, callbacks=[RecordReports(log)],
-                               fault=FaultInjection(rank=1, step=3, marker=str(marker)))
+                               train_fn=functools.partial(train_fn_whose_rank_dies, rank=1, step=3, marker=str(marker)))
         deadline = time.time() + 20  # the metrics agent exports every few seconds
         while time.time() < deadline and not all(exported(scraper, k) for k in range(2)):
             time.sleep(1)

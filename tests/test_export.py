@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from jobs.main import app
-from seminar import export
+from seminar import export, storage
 from seminar.data.datasets import read_image
 from seminar.predict import Segmenter
 
@@ -89,14 +89,14 @@ def test_export_command_writes_a_graph_that_carries_its_model(tmp_path):
 
 
 def test_runtime_switch_caches_the_export_and_falls_back_to_eager(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(export.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     checkpoint = write_checkpoint(tmp_path / "ckpt", "{model: deeplabv3plus_mobilenetv2, decoder_channels: 32}")
     exports = []
     real_export = export.export_onnx
     monkeypatch.setattr(export, "export_onnx", lambda *a: exports.append(1) or real_export(*a))
     assert Segmenter.load(checkpoint, runtime="onnx").runtime == "onnx"
     assert Segmenter.load(checkpoint, runtime="onnx").runtime == "onnx"
-    assert len(exports) == 1 and len(list((tmp_path / "cache").glob("*.onnx"))) == 1  # the second from the cache
+    assert len(exports) == 1 and len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1  # the second from the cache
     assert Segmenter.load(checkpoint, runtime="torch").runtime == "torch"
     with pytest.raises(ValueError, match="runtime must be one of"):
         Segmenter.load(checkpoint, runtime="tensorrt")
@@ -105,7 +105,7 @@ def test_runtime_switch_caches_the_export_and_falls_back_to_eager(tmp_path, monk
         raise RuntimeError("unsupported operator aten::something")
 
     monkeypatch.setattr(export, "export_onnx", broken)
-    monkeypatch.setenv(export.CACHE_ENV, str(tmp_path / "empty-cache"))
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "empty-cache"))
     with caplog.at_level(logging.WARNING, logger="seminar.predict"):
         fallback = Segmenter.load(checkpoint, runtime="onnx")
     assert fallback.runtime == "torch" and fallback.metadata["runtime"] == "torch"

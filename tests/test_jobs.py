@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -23,8 +24,9 @@ from typer.testing import CliRunner
 
 from seminar.registry import IntegrityError, ModelRegistry, RegistryError, resolve_model
 from seminar.checks import load_checked_spec
-from jobs.submit import (WORKING_DIR_EXCLUDES, ClusterError, auth_token, for_cluster, resolve_address,
-                         stage_working_dir)
+from jobs.job import JOB_SPEC_ENV
+from jobs.submit import (ClusterError, auth_token, for_cluster, resolve_address,
+                         job_runtime_env)
 from jobs.main import app
 from seminar.config import SpecError, load_spec
 
@@ -151,21 +153,17 @@ def test_address_and_token_come_from_the_usual_places(tmp_path, monkeypatch):
     assert auth_token()[0] == "from-env"
 
 
-def test_job_working_dir_is_the_code_and_the_spec(tmp_path):
+def test_job_runtime_env_is_the_code_and_the_spec(tmp_path):
     cfg = for_cluster(load_spec(None, ["storage.path=runs", "data.dataset=camvid",
                                        f"data.root={os.path.relpath(SHARED_DATA / 'camvid')}"]), "run-1")
     assert Path(cfg.storage.path).is_absolute() and Path(cfg.data.root).is_absolute()
     assert cfg.storage.run_name == "run-1"
 
-    staged = stage_working_dir(cfg, tmp_path / "wd")
-    names = {p.relative_to(staged).as_posix() for p in staged.rglob("*")}
-    assert {"seminar/cli.py", "cluster/trainer.py", "jobs/cli.py", "pyproject.toml", "job_spec.yaml"} <= names
-    assert not any(n.split("/")[0] in (".git", ".venv", "runs") or n.startswith("tests/data") or "__pycache__" in n
-                   for n in names)
-    assert ".venv" in WORKING_DIR_EXCLUDES
-    assert load_spec(staged / "job_spec.yaml") == cfg
-    size = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
-    assert size < 5 * 2**20, f"working dir of {size / 2**20:.1f} MiB"
+    env = job_runtime_env(cfg)
+    assert Path(env["working_dir"]) == REPO and {".venv", ".git", "runs", "tests/data", "*.pt"} <= set(env["excludes"])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(env["env_vars"][JOB_SPEC_ENV])
+    assert load_spec(spec) == cfg
 
 
 # ------------------------------------------------------------------------------- registry
@@ -195,7 +193,7 @@ def registry_uri(request, tmp_path):
 
 
 def test_registry_versions_metadata_and_integrity(registry_uri, tmp_path, monkeypatch):
-    monkeypatch.setenv("SEMINAR_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEMINAR_CACHE", str(tmp_path / "cache"))
     reg = ModelRegistry(registry_uri)
     first = reg.publish(fake_checkpoint(tmp_path / "ckpt1", 0.4), "demo", metrics={"val/miou": 0.41})
     second = reg.publish(fake_checkpoint(tmp_path / "ckpt2", 0.6), "demo", include_optimizer=True)
@@ -241,7 +239,7 @@ def test_registry_versions_metadata_and_integrity(registry_uri, tmp_path, monkey
 def test_registry_refuses_metadata_naming_files_outside_the_version(registry_uri, tmp_path, monkeypatch, bad_file):
     """A crafted metadata.json cannot make a fetch write (or a check read) outside the
     version: refused by name before anything is written."""
-    monkeypatch.setenv("SEMINAR_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEMINAR_CACHE", str(tmp_path / "cache"))
     reg = ModelRegistry(registry_uri)
     version = reg.publish(fake_checkpoint(tmp_path / "ckpt", 0.4), "demo")
     metadata = dict(version.metadata)
@@ -330,6 +328,30 @@ def test_submit_tiny_job_with_token_auth_and_checkpoint_on_s3(ray_cluster, s3_bu
     assert progress and progress.start() < logs.output.index("checkpoint:"), logs.output
     stop = runner.invoke(app, ["jobs", "stop", "no-such-job", "--address", ray_cluster.dashboard_url])
     assert stop.exit_code == 1 and "no job 'no-such-job'" in one_line_error(stop)
+
+
+def test_job_working_dir_is_the_code_without_data(ray_cluster, tmp_path):
+    """What Ray uploads with job_runtime_env, seen from a job: the code and the spec, without
+    environments, runs, test data or weights."""
+    from jobs.submit import connect, wait_for_job
+
+    cfg = for_cluster(load_spec(None, [f"storage.path={tmp_path}"]), "run-wd")
+    lister = ("import os, json; from pathlib import Path; "
+              "files = [p.as_posix() for p in Path('.').rglob('*') if p.is_file()]; "
+              "print('FILES', json.dumps({'files': files, 'bytes': sum(os.path.getsize(f) for f in files), "
+              f"'spec': os.environ['{JOB_SPEC_ENV}']}}))")
+    client = connect(ray_cluster.dashboard_url)
+    job_id = client.submit_job(entrypoint=f"{PYTHON} -c {shlex.quote(lister)}", runtime_env=job_runtime_env(cfg))
+    assert wait_for_job(client, job_id, timeout_s=120) == "SUCCEEDED", client.get_job_logs(job_id)
+    listing = json.loads(client.get_job_logs(job_id).split("FILES ", 1)[1].splitlines()[0])
+    files = set(listing["files"])
+    assert {"seminar/cli.py", "cluster/trainer.py", "jobs/job.py", "pyproject.toml"} <= files
+    assert not any(f.split("/")[0] in (".git", ".venv", "runs") or f.startswith("tests/data") or "__pycache__" in f
+                   or f.endswith((".pt", ".png", ".parquet")) for f in files), sorted(files)
+    assert listing["bytes"] < 5 * 2**20, f"working dir of {listing['bytes'] / 2**20:.1f} MiB"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(listing["spec"])
+    assert load_spec(spec) == cfg
 
 
 def _jobs_list_in_subprocess(address: str, env_changes: dict[str, str | None]) -> subprocess.CompletedProcess:
