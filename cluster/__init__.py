@@ -5,7 +5,7 @@ is the `TorchTrainer` itself (Tune sweeps build it inside a function trainable);
 `RayExchange` carries the students' teacher predictions through the object store.
 """
 
-from .exchange import ExchangeBoard, ExchangeTimeout, RayExchange
+from .object_store import ExchangeBoard, ExchangeTimeout, RayExchange
 from .preflight import ClusterUnreachable, InsufficientResources, PreflightError, StorageNotWritable
 from .trainer import RunSummary, build_trainer, new_run_name, run_training, train_fn_per_worker
 

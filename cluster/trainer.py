@@ -48,8 +48,8 @@ from seminar.history import RunLog, read_history
 from seminar.metrics import SERVED_MIOU, val_miou_key
 from seminar.runs import new_run_name
 
-from .exchange import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
-from .metrics import TrainMetrics
+from .object_store import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
+from .train_metrics import TrainMetrics
 from .preflight import ClusterUnreachable, check_address, check_resources, check_storage, worker_resources
 
 logger = logging.getLogger(__name__)

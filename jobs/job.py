@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-JOB_SPEC_ENV = "SEMINAR_JOB_SPEC"
+from jobs.submit import JOB_SPEC_ENV
 
 
 def main(argv: list[str]) -> None:

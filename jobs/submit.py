@@ -37,13 +37,12 @@ from urllib.parse import urlparse
 from seminar.registry import CODE_VERSION_ENV, code_version
 from seminar.config import SweepConfig, TrainConfig, dump_spec
 
-from .job import JOB_SPEC_ENV
-
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+JOB_SPEC_ENV = "SEMINAR_JOB_SPEC"  # a submitted job's spec, read by jobs.job
 
 # What stays on the user's machine: environments, outputs, data and weights, VCS (gitignore
 # patterns, as Ray's runtime_env `excludes` reads them: one with a '/' is anchored at the

@@ -4,7 +4,7 @@ A spec is a YAML file (see `jobs/configs/`), overridden by `--set key=value` fla
 validated in full before anything trains: an unknown field, a wrong type or an
 out-of-range value fails with the dotted name of the field.
 
-Baselines are the same spec with switches off (DESIGN §1):
+Baselines are the same spec with switches off (docs/results.md compares them):
   pCE only          method.w_ts=0 method.w_ss=0
   mean teacher      method.w_ss=0
   CPS-like          method.w_ts=0 method.pseudo_from=student
@@ -177,7 +177,6 @@ class ScheduleConfig(Strict):
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
-    eval_samples: int = Field(4, ge=0, description="samples drawn in the PNG grid of `seminar evaluate`")
 
 
 class ResourcesConfig(Strict):

@@ -3,7 +3,7 @@
 The training loop (`seminar.engine`) only sees the `Exchange` interface: it publishes the
 compact prediction of each student it hosts for a step, and collects its peers'
 predictions for the same step. `InProcessExchange` serves all students in one process;
-`cluster.exchange.RayExchange` carries the same calls through the Ray object store.
+`cluster.object_store.RayExchange` carries the same calls through the Ray object store.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Seminar learning, the method (DESIGN §1): EMA teachers, pseudo-label fusion, losses.
+"""Seminar learning, the method (Chen et al., ICCV 2021): EMA teachers, pseudo-label fusion, losses.
 
 For student k at step t:
 

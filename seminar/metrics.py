@@ -8,7 +8,7 @@ import torch.distributed as dist
 from .data.base import IGNORE_INDEX
 
 # The names in a flat report (metrics.jsonl, Ray Train's report, Tune's results; Prometheus
-# labels are made from them in cluster/metrics.py): a student's metric is "s<k>/<name>",
+# labels are made from them in cluster/train_metrics.py): a student's metric is "s<k>/<name>",
 # spelt here only.
 LOSS_TERMS = ("loss_sup", "loss_ts", "loss_ss")
 PSEUDO_LABEL_METRICS = ("pseudo_frac", "diag_pseudo_acc", "diag_student_acc")  # on unclicked pixels

@@ -69,7 +69,7 @@ from serving.imaging import (
     segmentation_json,
 )
 from serving import label_studio
-from serving.metrics import ServingMetrics
+from serving.serve_metrics import ServingMetrics
 from serving.model_uri import resolve_model_uri
 
 WEB_PAGE = Path(__file__).parent / "index.html"

@@ -24,7 +24,7 @@ from ray.train import Checkpoint, UserCallback
 from rich.console import Console
 
 from cluster import ClusterUnreachable, InsufficientResources, StorageNotWritable, build_trainer, run_training
-from cluster.exchange import ExchangeBoard, ExchangeTimeout, RayExchange
+from cluster.object_store import ExchangeBoard, ExchangeTimeout, RayExchange
 from cluster.trainer import checkpoint_parts
 from seminar import checkpoint, storage
 from seminar.config import load_spec

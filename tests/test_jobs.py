@@ -24,8 +24,7 @@ from typer.testing import CliRunner
 
 from seminar.registry import IntegrityError, ModelRegistry, RegistryError, resolve_model
 from seminar.checks import load_checked_spec
-from jobs.job import JOB_SPEC_ENV
-from jobs.submit import (ClusterError, auth_token, for_cluster, resolve_address,
+from jobs.submit import (JOB_SPEC_ENV, ClusterError, auth_token, for_cluster, resolve_address,
                          job_runtime_env)
 from jobs.main import app
 from seminar.config import SpecError, load_spec

@@ -1,6 +1,6 @@
 """The click table: one row per click, read from What's the Point JSON or Parquet.
 
-Columns (DESIGN §2): `image_id` string, `x` float32 (column), `y` float32 (row), both
+Columns: `image_id` string, `x` float32 (column), `y` float32 (row), both
 zero-indexed in original-image pixels, `cls` int16, `rank` int16 (the annotator's n-th
 click for that class in that image), `source` string (`wtp_main`, `wtp_supp`,
 `simulated`, `user`).

@@ -1,4 +1,4 @@
-"""From a Sample to the tensors one training step needs (DESIGN §1, Views).
+"""From a Sample to the tensors one training step needs: its views.
 
 Per sample: ONE geometric transform (random scale, pad-then-crop, horizontal flip) shared
 by every view, drawn from `default_rng([seed, epoch, index])`, so that students in other
