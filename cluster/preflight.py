@@ -30,6 +30,15 @@ class InsufficientResources(PreflightError):
     pass
 
 
+def unreachable(host: str, port: int, timeout_s: float) -> str | None:
+    """Why nothing answers a TCP connection to host:port within timeout_s (None: something does)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return e.strerror or f"{type(e).__name__}: {e}"
+
+
 def check_address(address: str | None, timeout_s: float = 3.0) -> None:
     """Fail fast when nothing listens at a cluster address (`host:port` or `ray://host:port`)."""
     if address in (None, "", "auto", "local"):
@@ -39,13 +48,11 @@ def check_address(address: str | None, timeout_s: float = 3.0) -> None:
     if not host or not port.isdigit():
         default_port = 10001 if address.startswith("ray://") else 6379
         host, port = hostport, str(default_port)
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as e:
+    why_not = unreachable(host, int(port), timeout_s)
+    if why_not:
         raise ClusterUnreachable(
-            f"cannot reach a Ray cluster at {address!r} ({type(e).__name__}: {e}); check --address "
-            "(the head's GCS address, e.g. 10.0.0.5:6379) and that the cluster is up") from None
+            f"cannot reach a Ray cluster at {address!r} ({why_not}); check --address "
+            "(the head's GCS address, e.g. 10.0.0.5:6379) and that the cluster is up")
 
 
 def check_storage(uri: str, run_name: str) -> None:

@@ -44,9 +44,8 @@ from seminar import checkpoint, storage
 from seminar.config import TrainConfig
 from seminar.exchange import InProcessExchange
 from seminar.progress import Progress, follow_history
-from seminar.history import RunLog, read_history
+from seminar.history import RunLog, new_run_name, read_history
 from seminar.metrics import SERVED_MIOU, val_miou_key
-from seminar.runs import new_run_name
 
 from .object_store import DEFAULT_TIMEOUT_S, BoardStats, ExchangeBoard, PublishOnCollect, RayExchange
 from .train_metrics import TrainMetrics

@@ -25,7 +25,6 @@ import logging
 import os
 import secrets
 import shlex
-import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -34,8 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, TextIO
 from urllib.parse import urlparse
 
+from cluster.preflight import unreachable
 from seminar.registry import CODE_VERSION_ENV, code_version
 from seminar.config import SweepConfig, TrainConfig, dump_spec
+from seminar.history import new_run_name
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -128,13 +129,10 @@ def _short(e: BaseException) -> str:
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     # requests has no connect timeout by default: a firewalled head would hang for minutes.
     url = urlparse(address)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout_s):
-            pass
-    except OSError as e:
-        raise ClusterError(f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__}); "
-                           "is the head up and its dashboard port reachable?") from None
+    why_not = unreachable(url.hostname, url.port or (443 if url.scheme == "https" else 80), timeout_s)
+    if why_not:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({why_not}); "
+                           "is the head up and its dashboard port reachable?")
 
 
 def connect(address: str | None = None) -> JobSubmissionClient:
@@ -201,10 +199,6 @@ class SubmittedJob:
     address: str
     run_name: str
     storage: str  # where the run (checkpoints, sweep results) lands: <storage.path>/<run_name>
-
-
-def new_run_name(kind: str = "train") -> str:
-    return f"seminar-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def submit_spec(cfg: TrainConfig, address: str | None = None, *, kind: str = "train",

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import secrets
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.preflight import check_resources, worker_resources
+from seminar.history import new_run_name
 from cluster.trainer import build_trainer, connect, storage_location
 from seminar.registry import ModelRegistry, default_registry
 from seminar.checks import candidate_values
@@ -265,10 +265,6 @@ class SweepResult:
         return [t for t in self.trials if t.stopped_early]
 
 
-def new_sweep_name() -> str:
-    return f"seminar-tune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-
-
 def run_sweep(cfg: TrainConfig, address: str | None = None, registry: str | None = None,
               name: str | None = None, publish: bool = True, console=None) -> SweepResult:
     """Run the spec's sweep on Ray (`address`, RAY_ADDRESS, or an embedded local Ray)."""
@@ -276,7 +272,7 @@ def run_sweep(cfg: TrainConfig, address: str | None = None, registry: str | None
     sweep = cfg.sweep or SweepConfig()
     if not sweep.params:
         raise ValueError("the spec has no sweep.params: nothing to tune")
-    name = name or sweep.name or new_sweep_name()
+    name = name or sweep.name or new_run_name("tune")
     base_path = cfg.storage.path.rstrip("/")
     if "://" not in base_path:
         base_path = str(Path(base_path).expanduser().resolve())

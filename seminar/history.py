@@ -1,10 +1,11 @@
-"""A run's history: every report, one JSON object a line in `<run>/metrics.jsonl`, and with
+"""A run's name and history: every report, one JSON object a line in `<run>/metrics.jsonl`, and with
 `storage.tensorboard` the same as TensorBoard scalars in `<run>/tensorboard`."""
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +16,11 @@ from . import storage
 # process: the in-process driver, or rank 0 on Ray).
 HISTORY = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+
+
+def new_run_name(kind: str | None = None) -> str:
+    """A fresh run name: seminar-[KIND-]YYYYmmdd-HHMMSS-<6 hex> (kind: `train`/`tune` for jobs and sweeps)."""
+    return f"seminar-{kind + '-' if kind else ''}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def append_history(run_dir: str, metrics: dict[str, float]) -> None:

@@ -7,9 +7,7 @@ Ray driver (`cluster.trainer.run_training`) runs the same `train_worker` on a cl
 from __future__ import annotations
 
 import re
-import secrets
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +19,9 @@ from . import checkpoint, storage
 from .config import SpecError, TrainConfig
 from .engine import WorkerContext, train_worker
 from .exchange import InProcessExchange
-from .history import RunLog, read_history
+from .history import RunLog, new_run_name, read_history
 from .metrics import ENSEMBLE_MIOU, LOSS_TERMS, PSEUDO_LABEL_METRICS, SERVED_IOU, SERVED_MIOU, student_key, val_miou_key
 from .progress import Progress
-
-def new_run_name() -> str:
-    return f"seminar-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-
 
 def with_run_name(cfg: TrainConfig) -> TrainConfig:
     """A copy of the spec with a run name: the given one (resume) or a new unique one."""
