@@ -25,7 +25,6 @@ from rich.console import Console
 from rich.table import Table
 
 from seminar.cli import errors, fail, spec_from_options
-from seminar.config import SpecError, TrainConfig
 
 # In a terminal, its width; in logs and pipes (a submitted sweep's table), wide enough.
 console = Console(width=None if sys.stdout.isatty() else 160)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from seminar import checkpoint
 from jobs.main import app
 from seminar.config import load_spec
 from seminar.engine import WorkerContext, train_worker
