@@ -1,4 +1,4 @@
-"""Where to click next, tested: N more clicks per CamVid training image, three ways.
+"""Where to click next, tested: N more clicks per CamVid training image, five ways.
 
 From a trained model with two or more students, for every training image:
   suggested      the committee's suggestions (`serving.committee`: the most interior points of
@@ -8,7 +8,10 @@ From a trained model with two or more students, for every training image:
                  signal as suggested, placed at its peaks instead of inside its regions);
   least_confident the N pixels where the served network's top class probability is lowest,
                  at least SPACING pixels (at inference size) apart;
-  random         N pixels drawn uniformly.
+  random         N pixels drawn uniformly;
+  segments       the most interior pixels of the predicted segments (connected regions of one
+                 class in the served label map) of highest mean disagreement, one per class
+                 first (session 9: a try at beating random).
 A simulated annotator labels each point with the ground-truth class under it; a point on
 void (CamVid's unlabelled pixels) gets no label and is counted as spent. Each arm is written
 as a click table (`OUT/ARM.parquet`, source `user`) for `data.extra_clicks`; a summary (clicks
@@ -27,14 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from seminar.config import load_spec
 from seminar.data import build_dataset, make_click_table, write_click_table
 from seminar.data.base import IGNORE_INDEX
 from serving.batching import restore_size
-from serving.committee import Committee, suggested_clicks
+from serving.committee import MIN_REGION, Committee, suggested_clicks
 
-ARMS = ("suggested", "disagreement_max", "least_confident", "random")
+ARMS = ("suggested", "disagreement_max", "least_confident", "random", "segments")
 SPACING = 8  # pixels at inference size between two points of the pixel-wise arms (their extremes clump)
 
 
@@ -49,6 +53,42 @@ def lowest_points(score: torch.Tensor, count: int, width: int, height: int) -> l
         points.append({"x": min(width - 1, int((x + 0.5) * width / w)), "y": min(height - 1, int((y + 0.5) * height / h))})
         score[(ys - y) ** 2 + (xs - x) ** 2 < SPACING**2] = float("inf")
     return points
+
+
+def suggest_segment_clicks(labels: np.ndarray, disagreement: np.ndarray, count: int) -> list[tuple[int, int, float]]:
+    """(x, y, score) at the most interior pixel of each of the `count` predicted segments (connected
+    regions of one class in the label map, at inference size) whose mean disagreement is highest,
+    one per class while other classes remain: a point deep inside a segment should be labelled
+    cleanly by one click, and the segments the teachers doubt are the ones most likely wrong."""
+    segments = []  # (mean disagreement, class, mask)
+    for cls in np.unique(labels):
+        regions, n = ndimage.label(labels == cls)
+        means = ndimage.mean(disagreement, regions, index=np.arange(1, n + 1))
+        areas = np.bincount(regions.ravel(), minlength=n + 1)[1:]
+        segments += [(float(means[r]), int(cls), regions == r + 1) for r in range(n) if areas[r] >= MIN_REGION]
+    segments.sort(key=lambda s: -s[0])
+    picked, classes = [], set()
+    for repeat in (False, True):  # first one segment per class, then the rest by score
+        for i, (score, cls, mask) in enumerate(segments):
+            if len(picked) == count:
+                break
+            if i in {p[0] for p in picked} or (not repeat and cls in classes):
+                continue
+            picked.append((i, score, mask))
+            classes.add(cls)
+    clicks = []
+    for _, score, mask in picked:
+        distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(distance.argmax()), distance.shape)
+        clicks.append((int(x), int(y), score))
+    return clicks
+
+
+def to_original(points: list[tuple[int, int, float]], shape: tuple[int, int], width: int, height: int) -> list[dict]:
+    """(x, y, score) at inference size -> points in original pixels."""
+    h, w = shape
+    return [{"x": min(width - 1, int((x + 0.5) * width / w)), "y": min(height - 1, int((y + 0.5) * height / h))}
+            for x, y, _ in points]
 
 
 def main() -> None:
@@ -80,6 +120,8 @@ def main() -> None:
             "least_confident": lowest_points(probs.max(0).values, args.clicks, width, height),
             "random": [{"x": int(x), "y": int(y)} for x, y in
                        zip(rng.integers(0, width, args.clicks), rng.integers(0, height, args.clicks))],
+            "segments": to_original(suggest_segment_clicks(probs.argmax(0).numpy(), disagreement.numpy(), args.clicks),
+                                    disagreement.shape, width, height),
         }
         for arm, arm_points in points.items():
             spent[arm] += len(arm_points)
