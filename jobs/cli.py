@@ -283,14 +283,14 @@ def models_export(
     """Write the served network as one ONNX file (probabilities out), with its classes, palette and preprocessing."""
     from seminar import export, storage
     from seminar.predict import Segmenter
-    from serving.model_uri import resolve_model_uri
+    from seminar.registry import resolve_model
 
     if fmt != "onnx":
         fail(f"--format: only onnx is supported, got {fmt!r}")
     if not out.endswith(".onnx"):
         fail(f"--out: the file name must end in .onnx, got {out!r}")
     try:
-        resolved = resolve_model_uri(model, registry)
+        resolved = resolve_model(model, registry)
         segmenter = Segmenter.load(resolved.checkpoint, which)
     except Exception as e:  # noqa: BLE001 - registry, storage and file errors alike
         fail(f"cannot load model {model!r}: {' '.join(str(e).split())}")

@@ -28,7 +28,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -376,7 +376,7 @@ def verify_files(local: Path, files: dict[str, dict], where: str) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# One function for loaders: whatever the user wrote -> a local checkpoint directory
+# One function for loaders: whatever the user wrote -> what Segmenter.load reads
 # --------------------------------------------------------------------------------------
 
 
@@ -390,8 +390,48 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     return _check_model_name(tail), None
 
 
-def resolve_model(uri_or_name: str, registry: str | None = None) -> Path:
-    """A local, verified checkpoint directory for any way of naming a model.
+@dataclass
+class ResolvedModel:
+    requested: str  # what the user wrote
+    checkpoint: str  # a checkpoint directory (local, or s3:// for a plain checkpoint there), or a .onnx graph
+    version: str  # what X-Model-Version says: "<model>/<version>" from a registry, else the checkpoint's
+    registry_metadata: dict = field(default_factory=dict)
+
+
+def resolve_model(uri: str, registry: str | None = None) -> ResolvedModel:
+    """The one way to turn a model reference into something `Segmenter.load` reads:
+      - a checkpoint directory, local or `s3://` (one holding meta.json, as training wrote it;
+        read where it is: from S3 only the weights that answer);
+      - a run directory (its latest complete checkpoint, in-process or Ray layout);
+      - a registry version `<registry-prefix>/<model>/<version>`, or `<registry-prefix>/<model>`
+        for its latest version (local or `s3://`; verified, S3 downloads cached);
+      - `<model>` or `<model>/<version>` in `registry` (default: $SEMINAR_REGISTRY, else runs/registry);
+      - a graph written by `seminar models export` (`*.onnx`, local or `s3://`).
+    """
+    if uri.endswith(".onnx"):  # everything is inside the graph
+        from . import export
+
+        meta = export.read_metadata(storage.read_bytes(uri), uri)
+        return ResolvedModel(uri, uri, str(meta.get("version")))
+    if not storage.exists(f"{uri.rstrip('/')}/{METADATA_FILE}"):
+        try:  # a checkpoint, or a run directory (its latest checkpoint)
+            found = checkpoint.resolve(uri)
+            return ResolvedModel(uri, found, str(checkpoint.read_meta(found)["version"]))
+        except FileNotFoundError:
+            pass  # a registry name or path
+    local = fetch_reference(uri, registry)
+    metadata_file = local / METADATA_FILE
+    registry_metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    if registry_metadata.get("model") and registry_metadata.get("version") is not None:
+        version = f"{registry_metadata['model']}/{registry_metadata['version']}"
+    else:
+        version = str(checkpoint.read_meta(str(local))["version"])
+    return ResolvedModel(uri, str(local), version, registry_metadata)
+
+
+def fetch_reference(uri_or_name: str, registry: str | None = None) -> Path:
+    """A local, verified checkpoint directory for a checkpoint or registry reference
+    (`resolve_model` also takes run directories and exported graphs).
 
     Accepted:
       - a checkpoint directory (local or s3://) - one holding meta.json, as training wrote it

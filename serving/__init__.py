@@ -2,7 +2,6 @@
 
     imaging.py        upload checks and decoding; PNG label maps, overlays, RLE JSON (no Ray, no torch)
     batching.py       batching by pixel budget, padding, restoring each image's size (torch)
-    model_uri.py      checkpoint path / s3:// URI / registry name -> a checkpoint to load
     committee.py      the students' teachers: disagreement and where to click next
     serve_metrics.py  Prometheus metrics through Ray's exporter
     app.py            the deployment, its HTTP routes, and the application builder `build_app`

@@ -55,6 +55,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from seminar.config import ServingConfig
 from seminar.data.clicks import append_clicks, make_click_table
 from seminar.predict import Segmenter
+from seminar.registry import resolve_model
 from serving.batching import PixelBudget, QueuedImage, batch_cost, predict_batch, restore_size
 from serving.committee import Committee, suggested_clicks
 from serving.imaging import (
@@ -70,7 +71,6 @@ from serving.imaging import (
 )
 from serving import label_studio
 from serving.serve_metrics import ServingMetrics
-from serving.model_uri import resolve_model_uri
 
 WEB_PAGE = Path(__file__).parent / "index.html"
 ROUTES = ("/", "/healthz", "/readyz", "/v1/model", "/v1/segment", "/v1/clicks", *label_studio.ROUTES)
@@ -137,7 +137,7 @@ class SegmentationService:
         self.cfg = cfg = args.serving
         torch.set_num_threads(cfg.torch_threads or len(os.sched_getaffinity(0)))
         self.ready = False
-        resolved = resolve_model_uri(args.model, args.registry)
+        resolved = resolve_model(args.model, args.registry)
         if cfg.suggest_clicks:  # every teacher, for their disagreement (serving.committee)
             self.committee = Committee.load(resolved.checkpoint, args.which, cfg.runtime, cfg.torch_threads, cfg.device)
             self.segmenter = self.committee.served

@@ -45,7 +45,7 @@ def predict_command(
     """Segment a folder of images: a label map per image and one table, with where to click next. Resumable."""
     from tqdm import tqdm
 
-    from serving.model_uri import resolve_model_uri
+    from seminar.registry import resolve_model
     from serving.committee import Committee
     from serving.predict_folder import PredictError, input_images, predict_folder
 
@@ -53,7 +53,7 @@ def predict_command(
         fail(f"--runtime: onnx or torch, got {runtime!r}")
     try:
         input_images(input_uri)  # an empty or missing folder is named before the model loads
-        resolved = resolve_model_uri(model, registry)
+        resolved = resolve_model(model, registry)
         committee = Committee.load(resolved.checkpoint, which, runtime, threads)
     except PredictError as e:
         fail(str(e))
@@ -112,7 +112,7 @@ def serve_command(
 
     from seminar.config import SpecError
     from seminar.predict import Segmenter
-    from serving.model_uri import resolve_model_uri
+    from seminar.registry import resolve_model
 
     try:
         cfg = serving_config(config, overrides, num_replicas=replicas, min_replicas=min_replicas,
@@ -122,7 +122,7 @@ def serve_command(
     if detach and not address:
         fail("--detach needs --address (a local Ray ends with this command)")
     try:  # fail here, with the user's words, rather than in a replica's log
-        resolved = resolve_model_uri(model, registry)
+        resolved = resolve_model(model, registry)
         # the weights too: a refused file is named now (and the ONNX export is cached for the replicas)
         Segmenter.load(resolved.checkpoint, which, runtime=cfg.runtime, threads=cfg.torch_threads)
     except Exception as e:  # noqa: BLE001 - registry, storage and file errors alike

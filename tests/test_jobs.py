@@ -22,7 +22,7 @@ import ray  # noqa: F401 - imported here, not first inside CliRunner: Ray's log 
 import yaml
 from typer.testing import CliRunner
 
-from seminar.registry import IntegrityError, ModelRegistry, RegistryError, resolve_model
+from seminar.registry import IntegrityError, ModelRegistry, RegistryError, fetch_reference
 from seminar.checks import load_checked_spec
 from jobs.submit import (JOB_SPEC_ENV, ClusterError, auth_token, for_cluster, resolve_address,
                          job_runtime_env)
@@ -208,13 +208,13 @@ def test_registry_versions_metadata_and_integrity(registry_uri, tmp_path, monkey
     assert reg.get("demo", 1).metadata["metrics"]["val/miou"] == 0.41
     assert "student_0/optimizer.pt" not in reg.get("demo", 1).metadata["files"]  # weights only by default
 
-    local = resolve_model("demo/1", registry=registry_uri)
+    local = fetch_reference("demo/1", registry=registry_uri)
     assert (local / "meta.json").is_file() and (local / "student_1" / "teacher.pt").is_file()
-    assert resolve_model(f"{registry_uri}/demo") == resolve_model(f"{registry_uri}/demo/2")
-    assert resolve_model(str(tmp_path / "ckpt1")) == tmp_path / "ckpt1"  # a plain checkpoint dir
+    assert fetch_reference(f"{registry_uri}/demo") == fetch_reference(f"{registry_uri}/demo/2")
+    assert fetch_reference(str(tmp_path / "ckpt1")) == tmp_path / "ckpt1"  # a plain checkpoint dir
     if not registry_uri.startswith("s3://"):  # a relative path to a model's directory, as the README writes it
         monkeypatch.chdir(tmp_path)
-        assert resolve_model("registry/demo").resolve() == resolve_model(f"{registry_uri}/demo/2").resolve()
+        assert fetch_reference("registry/demo").resolve() == fetch_reference(f"{registry_uri}/demo/2").resolve()
 
     # Tamper with one file of version 1 where it is stored: reading it names the file.
     if registry_uri.startswith("s3://"):
@@ -227,9 +227,9 @@ def test_registry_versions_metadata_and_integrity(registry_uri, tmp_path, monkey
     else:
         (Path(registry_uri) / "demo" / "1" / "student_0" / "teacher.pt").write_bytes(b"evil")
     with pytest.raises(IntegrityError, match="student_0/teacher.pt"):
-        resolve_model("demo/1", registry=registry_uri)
+        fetch_reference("demo/1", registry=registry_uri)
     with pytest.raises(RegistryError, match="no version 7"):
-        resolve_model("demo/7", registry=registry_uri)
+        fetch_reference("demo/7", registry=registry_uri)
     with pytest.raises(RegistryError, match="no model 'nope'"):
         reg.get("nope")
 
@@ -246,7 +246,7 @@ def test_registry_refuses_metadata_naming_files_outside_the_version(registry_uri
     reg.store.put_bytes(json.dumps(metadata).encode(), "demo", "1", "metadata.json")
     before = sorted(p for p in tmp_path.rglob("*"))
     with pytest.raises(IntegrityError, match="not a plain relative path"):
-        resolve_model("demo/1", registry=registry_uri)
+        fetch_reference("demo/1", registry=registry_uri)
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert not Path("/tmp/absolute.pt").exists()
 
@@ -254,7 +254,7 @@ def test_registry_refuses_metadata_naming_files_outside_the_version(registry_uri
 @pytest.mark.parametrize("ref", ["good/../../outside/evil/1", "evil\\..\\..\\x/1", "a\\..\\b"])
 def test_registry_model_names_stay_inside_the_registry(tmp_path, ref):
     with pytest.raises(RegistryError, match="model name|model reference"):
-        resolve_model(ref, registry=str(tmp_path / "registry"))
+        fetch_reference(ref, registry=str(tmp_path / "registry"))
 
 
 def test_registry_refuses_a_link_out_of_the_version(tmp_path):
@@ -266,7 +266,7 @@ def test_registry_refuses_a_link_out_of_the_version(tmp_path):
     teacher.unlink()
     teacher.symlink_to(outside)
     with pytest.raises(IntegrityError, match="link to outside"):
-        resolve_model("demo/1", registry=str(registry))
+        fetch_reference("demo/1", registry=str(registry))
 
 
 def test_models_cli_list_show(tmp_path):
@@ -467,7 +467,7 @@ def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, 
     shown = runner.invoke(app, ["models", "show", "tiny", "--registry", registry, "--verify"])
     assert shown.exit_code == 0, shown.output
     assert "tiny/1" in shown.output and "verified" in shown.output and result.best.trial_id in shown.output
-    local = resolve_model("tiny", registry=registry)
+    local = fetch_reference("tiny", registry=registry)
     from seminar.predict import Segmenter
 
     segmenter = Segmenter.load(str(local))

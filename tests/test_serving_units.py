@@ -240,22 +240,22 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def test_resolve_checkpoint_and_registry_names(checkpoint, tmp_path, monkeypatch):
     from seminar.registry import ModelRegistry
-    from serving.model_uri import resolve_model_uri
+    from seminar.registry import resolve_model
 
-    direct = resolve_model_uri(str(checkpoint))
+    direct = resolve_model(str(checkpoint))
     assert Path(direct.checkpoint) == checkpoint and direct.version == "serving-test@0"
 
     registry = tmp_path / "registry"
     ModelRegistry(str(registry)).publish(str(checkpoint), "shapes")
     ModelRegistry(str(registry)).publish(str(checkpoint), "shapes")
-    latest = resolve_model_uri(f"{registry}/shapes")
+    latest = resolve_model(f"{registry}/shapes")
     assert latest.version == "shapes/2" and (Path(latest.checkpoint) / "meta.json").is_file()
-    assert resolve_model_uri(f"{registry}/shapes/1").version == "shapes/1"
+    assert resolve_model(f"{registry}/shapes/1").version == "shapes/1"
     monkeypatch.setenv("SEMINAR_REGISTRY", str(registry))
-    assert resolve_model_uri("shapes/1").version == "shapes/1"
-    assert resolve_model_uri("shapes", registry=str(registry)).version == "shapes/2"
+    assert resolve_model("shapes/1").version == "shapes/1"
+    assert resolve_model("shapes", registry=str(registry)).version == "shapes/2"
     with pytest.raises(Exception, match="no model 'other'"):
-        resolve_model_uri("other")
+        resolve_model("other")
 
 
 def test_a_checkpoint_on_s3_is_served_from_its_weights_alone(checkpoint, s3_bucket):
@@ -264,11 +264,11 @@ def test_a_checkpoint_on_s3_is_served_from_its_weights_alone(checkpoint, s3_buck
     from seminar import checkpoint as checkpoints
     from seminar import storage
     from seminar.predict import Segmenter
-    from serving.model_uri import resolve_model_uri
+    from seminar.registry import resolve_model
 
     uri = f"s3://{s3_bucket}/runs/demo/checkpoint_000000"
     storage.upload_dir(checkpoint, uri)
-    resolved = resolve_model_uri(uri)
+    resolved = resolve_model(uri)
     assert (resolved.checkpoint, resolved.version) == (uri, "serving-test@0")
     Segmenter.load(resolved.checkpoint)
     cached = checkpoints.local_copy(uri, [])
