@@ -191,6 +191,7 @@ def main(argv=None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the runs' directory (step logs, checkpoints)")
     p.add_argument("--inproc-threads", type=int, default=None, help="torch threads of the in-process run")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="spec override key=value")
+    p.add_argument("--json", type=Path, help="also write the figures here (bench/report.py)")
     args = p.parse_args(argv)
     K = args.students
 
@@ -265,6 +266,11 @@ def main(argv=None) -> None:
     print(f"machine floor, K bare processes / one: {ratio('floor_k', 'floor_one')}; "
           f"K on K / one beyond the floor: {results['k_on_k']['step_time'] / results['one']['step_time'] / machine:.2f}x")
     sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps({"students": K, "model": args.model, "image_size": args.image_size,
+                                         "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+                                         "cores": os.cpu_count(), "free_cores": os.cpu_count() - load_before,
+                                         "results": results}, indent=1))
 
 
 if __name__ == "__main__":
