@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from seminar.metrics import student_key
+from seminar.metrics import LOSSES, student_key
 
 _STEP_SECONDS = [0.01, 0.03, 0.1, 0.3, 1, 2, 5, 10, 30, 100]
 _WAIT_SECONDS = [0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10]
-_LOSS_TERMS = {"loss": "total", "loss_sup": "sup", "loss_ts": "ts", "loss_ss": "ss", "loss_pair": "pair"}
+_TERM_LABELS = {name: "total" if name == "loss" else name.removeprefix("loss_") for name in LOSSES}  # loss_ss -> ss
 
 
 class TrainMetrics:
@@ -57,7 +57,7 @@ class TrainMetrics:
                 return metrics.get(student_key(k, name))
 
             tags = {"student": str(k)}
-            for key, term in _LOSS_TERMS.items():
+            for key, term in _TERM_LABELS.items():
                 if get(key) is not None:
                     self.loss.set(get(key), tags={**tags, "term": term})
             if get("pseudo_frac") is not None:

@@ -10,7 +10,8 @@ from .data.base import IGNORE_INDEX
 # The names in a flat report (metrics.jsonl, Ray Train's report, Tune's results; Prometheus
 # labels are made from them in cluster/train_metrics.py): a student's metric is "s<k>/<name>",
 # spelt here only.
-LOSS_TERMS = ("loss_sup", "loss_ts", "loss_ss")
+LOSS_TERMS = ("loss_sup", "loss_ts", "loss_ss")  # what progress lines and run summaries show
+LOSSES = ("loss", *LOSS_TERMS, "loss_pair")  # every loss a step reports (seminar.method.student_losses)
 PSEUDO_LABEL_METRICS = ("pseudo_frac", "diag_pseudo_acc", "diag_student_acc")  # on unclicked pixels
 ENSEMBLE_MIOU = "val_miou_teacher_ensemble"
 SERVED_MIOU = "val/miou"  # the served network's (method.inference), copied from its own key
