@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import SpecError, TrainConfig
+from .config import SpecError, TrainConfig, checkpoint_spec
 
 if TYPE_CHECKING:
     from .data.inspect import ClickReport
@@ -80,7 +80,7 @@ def evaluate(
     if data is not None:
         cfg = spec_from_options(data, overrides)
     else:
-        base = TrainConfig.model_validate(segmenter.meta["spec"]).model_dump(mode="json")
+        base = checkpoint_spec(segmenter.meta["spec"]).model_dump(mode="json")
         from .config import apply_overrides
 
         try:

@@ -502,5 +502,17 @@ def load_spec(path: str | os.PathLike | None = None, overrides: list[str] | None
         raise SpecError(_format_errors(e, source)) from None
 
 
+# Fields earlier versions wrote into checkpoints' specs and this one no longer has.
+RETIRED_FIELDS = {"schedule": ("eval_samples",)}
+
+
+def checkpoint_spec(raw: dict) -> TrainConfig:
+    """A checkpoint's recorded spec, validated. Retired fields are dropped, so that checkpoints
+    written by earlier versions keep loading; anything else unknown still fails."""
+    raw = {**raw, **{section: {k: v for k, v in raw[section].items() if k not in retired}
+                     for section, retired in RETIRED_FIELDS.items() if isinstance(raw.get(section), dict)}}
+    return TrainConfig.model_validate(raw)
+
+
 def dump_spec(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

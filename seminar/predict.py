@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, export, storage
-from .config import TrainConfig
+from .config import checkpoint_spec
 from .data.transforms import model_input
 from .models import Ensemble, build_model
 
@@ -50,7 +50,7 @@ class Segmenter:
     def __init__(self, network: Callable[[torch.Tensor], torch.Tensor], meta: dict, which: str,
                  device: str | torch.device = "cpu", runtime: str = "torch"):
         self.network, self.meta, self.which, self.runtime = network, meta, which, runtime
-        spec = TrainConfig.model_validate(meta["spec"])
+        spec = checkpoint_spec(meta["spec"])
         # The model's own preprocessing: the scale it was trained and validated at, the long
         # side bounded by the spec's serving.infer_size.
         self.scale, self.max_long_side = spec.data.load_scale, spec.serving.infer_size
@@ -82,7 +82,7 @@ class Segmenter:
         missing = [key for key in ("spec", "classes", "palette", "version") if key not in meta]
         if missing:
             raise checkpoint.CheckpointError(f"{uri}: {checkpoint.META} has no {', '.join(missing)}")
-        cfg = TrainConfig.model_validate(meta["spec"])
+        cfg = checkpoint_spec(meta["spec"])
         which = which or cfg.method.inference
         teachers = [f"teacher_{k}" for k in range(cfg.num_students)]
         if which not in (*WHICH, *teachers):

@@ -16,7 +16,6 @@ image id, the click index (its position in that image's list) and the field.
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import math
 import secrets
@@ -28,7 +27,6 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from scipy import ndimage
 
@@ -223,11 +221,11 @@ def read_wtp_json(path: str, source: str) -> pa.Table:
 
 
 def write_click_table(table: pa.Table, path: str) -> None:
-    fs, inner = storage.filesystem(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        Path(inner).parent.mkdir(parents=True, exist_ok=True)
+    """Write a click table, all or nothing (a reader never sees half a file)."""
     typed = table.select(CLICK_SCHEMA.names).cast(CLICK_SCHEMA)
-    pq.write_table(with_empty_image_ids(typed, empty_image_ids(table)), inner, filesystem=fs)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(with_empty_image_ids(typed, empty_image_ids(table)), buffer)
+    storage.write_bytes(path, buffer.getvalue().to_pybytes())
 
 
 def _first_null_row(column: pa.ChunkedArray) -> int:
@@ -288,9 +286,7 @@ def append_clicks(store: str, table: pa.Table) -> str:
     writers never touch each other's files, so concurrent writers lose nothing."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     uri = storage.join(store, f"part-{stamp}-{secrets.token_hex(4)}.parquet")
-    sink = io.BytesIO()
-    pq.write_table(table.select(CLICK_SCHEMA.names).cast(CLICK_SCHEMA), sink)
-    storage.write_bytes(uri, sink.getvalue())
+    write_click_table(table, uri)
     return uri
 
 
