@@ -1,4 +1,4 @@
-"""Where to click next, tested: N more clicks per CamVid training image, five ways.
+"""Where to click next, tested: N more clicks per CamVid training image, six ways.
 
 From a trained model with two or more students, for every training image:
   suggested      the committee's suggestions (`serving.committee`: the most interior points of
@@ -11,7 +11,10 @@ From a trained model with two or more students, for every training image:
   random         N pixels drawn uniformly;
   segments       the most interior pixels of the predicted segments (connected regions of one
                  class in the served label map) of highest mean disagreement, one per class
-                 first (session 9: a try at beating random).
+                 first (session 9: a try at beating random);
+  weighted       N pixels drawn at random with probability proportional to the disagreement
+                 (plus a floor), off predicted class boundaries (session 9: random's spread,
+                 leaning towards doubt).
 A simulated annotator labels each point with the ground-truth class under it; a point on
 void (CamVid's unlabelled pixels) gets no label and is counted as spent. Each arm is written
 as a click table (`OUT/ARM.parquet`, source `user`) for `data.extra_clicks`; a summary (clicks
@@ -38,7 +41,9 @@ from seminar.data.base import IGNORE_INDEX
 from serving.batching import restore_size
 from serving.committee import MIN_REGION, Committee, suggested_clicks
 
-ARMS = ("suggested", "disagreement_max", "least_confident", "random", "segments")
+ARMS = ("suggested", "disagreement_max", "least_confident", "random", "segments", "weighted")
+INTERIOR = 3  # pixels at inference size a weighted pick keeps from a predicted class boundary
+WEIGHT_FLOOR = 0.05  # added to the disagreement: agreed-on pixels keep some chance
 SPACING = 8  # pixels at inference size between two points of the pixel-wise arms (their extremes clump)
 
 
@@ -84,6 +89,22 @@ def suggest_segment_clicks(labels: np.ndarray, disagreement: np.ndarray, count: 
     return clicks
 
 
+def weighted_points(labels: np.ndarray, disagreement: np.ndarray, count: int, rng: np.random.Generator) -> list[tuple[int, int, float]]:
+    """`count` distinct pixels drawn at random with probability proportional to the disagreement
+    (plus WEIGHT_FLOOR), among those at least INTERIOR pixels from a predicted boundary: random's
+    spread over the image, leaning towards where the teachers doubt, off the edges where a click's
+    disk would cover two classes."""
+    edges = np.zeros(labels.shape, bool)
+    edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edges[1:, :] |= labels[1:, :] != labels[:-1, :]
+    interior = ndimage.distance_transform_edt(~edges) >= INTERIOR
+    weights = ((disagreement + WEIGHT_FLOOR) * interior).ravel()
+    if weights.sum() == 0:
+        weights = np.ones_like(weights)
+    picks = rng.choice(weights.size, size=min(count, int((weights > 0).sum())), replace=False, p=weights / weights.sum())
+    return [(int(i % labels.shape[1]), int(i // labels.shape[1]), float(weights[i])) for i in picks]
+
+
 def to_original(points: list[tuple[int, int, float]], shape: tuple[int, int], width: int, height: int) -> list[dict]:
     """(x, y, score) at inference size -> points in original pixels."""
     h, w = shape
@@ -106,6 +127,7 @@ def main() -> None:
         parser.error(f"{args.model}: one network, no committee to disagree")
     dataset = build_dataset(load_spec(args.config).data, "train")
     rng = np.random.default_rng(args.seed)
+    weighted_rng = np.random.default_rng([args.seed, 1])  # its own stream: the random arm's draws stay as they were
     picked: dict[str, list] = {arm: [] for arm in ARMS}
     spent = {arm: 0 for arm in ARMS}
     wrong = {arm: 0 for arm in ARMS}  # kept clicks where the served network was wrong: what a click can teach
@@ -122,6 +144,8 @@ def main() -> None:
                        zip(rng.integers(0, width, args.clicks), rng.integers(0, height, args.clicks))],
             "segments": to_original(suggest_segment_clicks(probs.argmax(0).numpy(), disagreement.numpy(), args.clicks),
                                     disagreement.shape, width, height),
+            "weighted": to_original(weighted_points(probs.argmax(0).numpy(), disagreement.numpy(), args.clicks,
+                                                    weighted_rng), disagreement.shape, width, height),
         }
         for arm, arm_points in points.items():
             spent[arm] += len(arm_points)
