@@ -1,6 +1,6 @@
 """Run the benchmarks and write their figures to docs/performance.md.
 
-    flock /tmp/seminar-ray.lock .venv/bin/python bench/report.py            # ~15 min on 2 cores
+    flock /tmp/seminar-ray.lock .venv/bin/python bench/report.py            # ~11 min on 2 cores
     .venv/bin/python bench/report.py --from-json /tmp/bench                 # re-render saved figures
 
 Runs `bench/step.py` (seminar step vs plain step, CPU-seconds), `bench/exchange.py` (the

@@ -7,10 +7,10 @@ is the `TorchTrainer` itself (Tune sweeps build it inside a function trainable);
 
 from .object_store import ExchangeBoard, ExchangeTimeout, RayExchange
 from .preflight import ClusterUnreachable, InsufficientResources, PreflightError, StorageNotWritable
-from .trainer import RunSummary, build_trainer, new_run_name, run_training, train_fn_per_worker
+from .trainer import RunSummary, build_trainer, run_training, train_fn_per_worker
 
 __all__ = [
     "ExchangeBoard", "ExchangeTimeout", "RayExchange", "PreflightError", "ClusterUnreachable",
     "InsufficientResources", "StorageNotWritable", "RunSummary", "build_trainer",
-    "new_run_name", "run_training", "train_fn_per_worker",
+    "run_training", "train_fn_per_worker",
 ]

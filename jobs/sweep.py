@@ -39,8 +39,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.preflight import check_resources, worker_resources
-from seminar.history import new_run_name
 from cluster.trainer import build_trainer, connect, storage_location
+from seminar.history import new_run_name
 from seminar.registry import ModelRegistry, default_registry
 from seminar.checks import candidate_values
 from seminar.config import set_field

@@ -39,7 +39,7 @@ from seminar.config import load_spec
 from seminar.data import build_dataset, make_click_table, write_click_table
 from seminar.data.base import IGNORE_INDEX
 from serving.batching import restore_size
-from serving.committee import MIN_REGION, Committee, suggested_clicks
+from serving.committee import MIN_REGION, Committee, in_image_pixels, suggested_clicks
 
 ARMS = ("suggested", "disagreement_max", "least_confident", "random", "segments", "weighted")
 INTERIOR = 3  # pixels at inference size a weighted pick keeps from a predicted class boundary
@@ -47,15 +47,15 @@ WEIGHT_FLOOR = 0.05  # added to the disagreement: agreed-on pixels keep some cha
 SPACING = 8  # pixels at inference size between two points of the pixel-wise arms (their extremes clump)
 
 
-def lowest_points(score: torch.Tensor, count: int, width: int, height: int) -> list[dict]:
-    """The `count` pixels of lowest score ([h, w] at inference size), SPACING apart, in original pixels."""
+def lowest_points(score: torch.Tensor, count: int) -> list[tuple[int, int, float]]:
+    """(x, y, score) of the `count` pixels of lowest score ([h, w] at inference size), SPACING apart."""
     score = score.clone()
     h, w = score.shape
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     points = []
     for _ in range(count):
         y, x = divmod(int(score.argmin()), w)
-        points.append({"x": min(width - 1, int((x + 0.5) * width / w)), "y": min(height - 1, int((y + 0.5) * height / h))})
+        points.append((x, y, float(score[y, x])))
         score[(ys - y) ** 2 + (xs - x) ** 2 < SPACING**2] = float("inf")
     return points
 
@@ -65,25 +65,20 @@ def suggest_segment_clicks(labels: np.ndarray, disagreement: np.ndarray, count: 
     regions of one class in the label map, at inference size) whose mean disagreement is highest,
     one per class while other classes remain: a point deep inside a segment should be labelled
     cleanly by one click, and the segments the teachers doubt are the ones most likely wrong."""
-    segments = []  # (mean disagreement, class, mask)
+    segments = []  # (mean disagreement, class, the class's labelled regions, the segment's label)
     for cls in np.unique(labels):
         regions, n = ndimage.label(labels == cls)
         means = ndimage.mean(disagreement, regions, index=np.arange(1, n + 1))
         areas = np.bincount(regions.ravel(), minlength=n + 1)[1:]
-        segments += [(float(means[r]), int(cls), regions == r + 1) for r in range(n) if areas[r] >= MIN_REGION]
+        segments += [(float(means[r]), int(cls), regions, r + 1) for r in range(n) if areas[r] >= MIN_REGION]
     segments.sort(key=lambda s: -s[0])
-    picked, classes = [], set()
-    for repeat in (False, True):  # first one segment per class, then the rest by score
-        for i, (score, cls, mask) in enumerate(segments):
-            if len(picked) == count:
-                break
-            if i in {p[0] for p in picked} or (not repeat and cls in classes):
-                continue
-            picked.append((i, score, mask))
-            classes.add(cls)
+    firsts, rest, seen = [], [], set()  # each class's best segment first, then the others, by score
+    for segment in segments:
+        (rest if segment[1] in seen else firsts).append(segment)
+        seen.add(segment[1])
     clicks = []
-    for _, score, mask in picked:
-        distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    for score, _, regions, label in (firsts + rest)[:count]:
+        distance = ndimage.distance_transform_edt(np.pad(regions == label, 1))[1:-1, 1:-1]
         y, x = np.unravel_index(int(distance.argmax()), distance.shape)
         clicks.append((int(x), int(y), score))
     return clicks
@@ -103,13 +98,6 @@ def weighted_points(labels: np.ndarray, disagreement: np.ndarray, count: int, rn
         weights = np.ones_like(weights)
     picks = rng.choice(weights.size, size=min(count, int((weights > 0).sum())), replace=False, p=weights / weights.sum())
     return [(int(i % labels.shape[1]), int(i // labels.shape[1]), float(weights[i])) for i in picks]
-
-
-def to_original(points: list[tuple[int, int, float]], shape: tuple[int, int], width: int, height: int) -> list[dict]:
-    """(x, y, score) at inference size -> points in original pixels."""
-    h, w = shape
-    return [{"x": min(width - 1, int((x + 0.5) * width / w)), "y": min(height - 1, int((y + 0.5) * height / h))}
-            for x, y, _ in points]
 
 
 def main() -> None:
@@ -136,16 +124,19 @@ def main() -> None:
         height, width = sample.mask.shape
         [(probs, disagreement)] = committee([committee.served.model_input(sample.image)])
         served, _ = restore_size(probs, height, width)
+        labels, doubt = probs.argmax(0).numpy(), disagreement.numpy()
+
+        def in_image(points):
+            return in_image_pixels(points, doubt.shape, width, height)
+
         points = {
-            "suggested": suggested_clicks(disagreement.numpy(), args.clicks, width, height),
-            "disagreement_max": lowest_points(-disagreement, args.clicks, width, height),
-            "least_confident": lowest_points(probs.max(0).values, args.clicks, width, height),
+            "suggested": suggested_clicks(doubt, args.clicks, width, height),
+            "disagreement_max": in_image(lowest_points(-disagreement, args.clicks)),
+            "least_confident": in_image(lowest_points(probs.max(0).values, args.clicks)),
             "random": [{"x": int(x), "y": int(y)} for x, y in
                        zip(rng.integers(0, width, args.clicks), rng.integers(0, height, args.clicks))],
-            "segments": to_original(suggest_segment_clicks(probs.argmax(0).numpy(), disagreement.numpy(), args.clicks),
-                                    disagreement.shape, width, height),
-            "weighted": to_original(weighted_points(probs.argmax(0).numpy(), disagreement.numpy(), args.clicks,
-                                                    weighted_rng), disagreement.shape, width, height),
+            "segments": in_image(suggest_segment_clicks(labels, doubt, args.clicks)),
+            "weighted": in_image(weighted_points(labels, doubt, args.clicks, weighted_rng)),
         }
         for arm, arm_points in points.items():
             spent[arm] += len(arm_points)

@@ -35,7 +35,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from . import checkpoint, storage
+from . import checkpoint, export, storage
 from .checkpoint import local_copy
 
 METADATA_FILE = "metadata.json"
@@ -409,8 +409,6 @@ def resolve_model(uri: str, registry: str | None = None) -> ResolvedModel:
       - a graph written by `seminar models export` (`*.onnx`, local or `s3://`).
     """
     if uri.endswith(".onnx"):  # everything is inside the graph
-        from . import export
-
         meta = export.read_metadata(storage.read_bytes(uri), uri)
         return ResolvedModel(uri, uri, str(meta.get("version")))
     if not storage.exists(f"{uri.rstrip('/')}/{METADATA_FILE}"):

@@ -8,6 +8,6 @@
     label_studio.py   Label Studio's ML backend routes on the same app
     predict_folder.py `seminar predict`: a folder or s3:// prefix, batched, resumable
     cli.py            `seminar serve MODEL`, `seminar predict`
-    index.html      the page at `/`
-    serve_config.yaml   `serve run` / `serve deploy` config
+    index.html        the page at `/`
+    serve_config.yaml `serve run` / `serve deploy` config
 """

@@ -233,9 +233,10 @@ class SegmentationService:
         max_slow_uploads in flight get body_timeout_s (then 408); while that many are in flight,
         a new one must arrive within SLOW_UPLOAD_S without pausing for more than CROWDED_STALL_S,
         or is told to come back (503), so senders that never finish cannot hold every slot in
-        turn, while fast uploads, however many, arrive well within it. A crowd keeps that rule on until body_timeout_s after it was last seen (or
-        one of its bodies was refused): Serve's router lets a flood of slow senders in a few at
-        a time, and they must not earn a second round of full timeouts when the first ends."""
+        turn, while fast uploads, however many, arrive well within it. A crowd keeps that rule on
+        until body_timeout_s after it was last seen (or one of its bodies was refused): Serve's
+        router lets a flood of slow senders in a few at a time, and they must not earn a second
+        round of full timeouts when the first ends."""
         now = time.monotonic()
         if self.uploads >= self.cfg.max_slow_uploads:
             self.crowded_until = now + self.cfg.body_timeout_s

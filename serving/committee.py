@@ -95,8 +95,14 @@ class Committee:
         return list(zip(served, maps))
 
 
+def in_image_pixels(points: list[tuple[int, int, float]], map_shape: tuple[int, int], width: int,
+                    height: int) -> list[dict]:
+    """(x, y, score) on a map at inference size -> {x, y, score} in the original image's pixels."""
+    sx, sy = width / map_shape[1], height / map_shape[0]
+    return [{"x": min(width - 1, int((x + 0.5) * sx)), "y": min(height - 1, int((y + 0.5) * sy)), "score": score}
+            for x, y, score in points]
+
+
 def suggested_clicks(disagreement: np.ndarray, count: int, width: int, height: int) -> list[dict]:
     """suggest_clicks on a map at inference size, in the original image's pixels."""
-    sx, sy = width / disagreement.shape[1], height / disagreement.shape[0]
-    return [{"x": min(width - 1, int((x + 0.5) * sx)), "y": min(height - 1, int((y + 0.5) * sy)), "score": score}
-            for x, y, score in suggest_clicks(disagreement, count)]
+    return in_image_pixels(suggest_clicks(disagreement, count), disagreement.shape, width, height)

@@ -239,8 +239,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_resolve_checkpoint_and_registry_names(checkpoint, tmp_path, monkeypatch):
-    from seminar.registry import ModelRegistry
-    from seminar.registry import resolve_model
+    from seminar.registry import ModelRegistry, resolve_model
 
     direct = resolve_model(str(checkpoint))
     assert Path(direct.checkpoint) == checkpoint and direct.version == "serving-test@0"
