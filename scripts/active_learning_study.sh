@@ -8,6 +8,8 @@
 # Runs land in runs/camvid/study-pce_1pc-al-ARM-sSEED; summarise with
 #   .venv/bin/python scripts/study_table.py runs/camvid --rows pce_1pc-al-none pce_1pc-al-random \
 #     pce_1pc-al-least_confident pce_1pc-al-suggested pce_1pc-al-disagreement_max pce_1pc-al-segments pce_1pc-al-weighted
+# ROUND1=pce_1pc_ft in the environment fine-tunes round 0's teacher instead (the loop as a
+# user runs it: students.0.init_from); runs then land in runs/camvid/study-pce_1pc_ft-al-ARM-sSEED.
 # Usage: bash scripts/active_learning_study.sh [ROUND0_RUN] [SEEDS] [CLICKS] [ARMS]
 #   round 0 (two students, one click per class, seed 0): bash scripts/camvid_study.sh pce2_1pc 0
 #   e.g. one more arm on the picks already made: bash scripts/active_learning_study.sh "" "0 1 2" 4 segments
@@ -24,6 +26,6 @@ for seed in $seeds; do
   for arm in $arms; do
     extra=()
     [ "$arm" = none ] || extra=(--set "data.extra_clicks=[$out/$arm.parquet]")
-    STUDY_TAG=al-$arm bash scripts/camvid_study.sh pce_1pc "$seed" "${extra[@]}"
+    ROUND0=$model STUDY_TAG=al-$arm bash scripts/camvid_study.sh "${ROUND1:-pce_1pc}" "$seed" "${extra[@]}"
   done
 done

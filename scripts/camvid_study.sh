@@ -5,7 +5,8 @@
 # Each run leaves runs/camvid/study-ROW-sSEED/metrics.jsonl; summarise with
 #   .venv/bin/python scripts/study_table.py runs/camvid
 # Usage: bash scripts/camvid_study.sh [ROWS] [SEEDS] [extra --set flags]
-#   (STUDY_TAG=x in the environment names the runs study-ROW-x-sSEED)
+#   (STUDY_TAG=x in the environment names the runs study-ROW-x-sSEED; ROUND0=run dir: the
+#   model the pce_1pc_ft row starts from, default runs/camvid/study-pce2_1pc-s0)
 #   e.g.  bash scripts/camvid_study.sh "seminar pce" "0 1 2" --set optim.steps=300
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,9 @@ one_student='students=[{model: deeplabv3plus_efficientnet_lite0, pretrained: ima
 mild='{color_jitter: 0.3, hue: 0.05, blur_prob: 0.3, grayscale_prob: 0.1}'
 none='{color_jitter: 0, hue: 0, blur_prob: 0, grayscale_prob: 0}'
 one_per_class='data.simulated_clicks_per_class=1'
+# the next round of an annotation loop: one student fine-tuned from round 0's teacher 0
+round0=${ROUND0:-runs/camvid/study-pce2_1pc-s0}
+from_round0="students=[{model: deeplabv3plus_efficientnet_lite0, init_from: $round0, seed: 0, decoder_channels: 128}]"
 long='optim.steps=1000|schedule.eval_every=250|schedule.checkpoint_every=250'
 row_flags() {
   case $1 in
@@ -50,6 +54,7 @@ row_flags() {
     full_long)    echo "$one_student|method.supervision=dense|method.w_ts=0|method.w_ss=0|$long" ;;
     # a click budget of one click per class per image (7.8 clicks/image instead of 17)
     pce_1pc)      echo "$one_student|method.w_ts=0|method.w_ss=0|$one_per_class" ;;
+    pce_1pc_ft)   echo "$from_round0|method.w_ts=0|method.w_ss=0|$one_per_class" ;;
     pce2_1pc)     echo "method.w_ts=0|method.w_ss=0|$one_per_class" ;;
     seminar_1pc)  echo "$one_per_class" ;;
     seminar_ssic_1pc) echo "method.ss_norm=image_class|$one_per_class" ;;

@@ -6,6 +6,7 @@ check, naming the spec field each time:
 
   - the students' models are known;
   - local paths: the dataset root, SBD root, click files and pretrained weights exist;
+  - a student started from a trained model (`init_from`) fits it: same network, same classes;
   - classes: the dataset's classes fit (VOC has 21, CamVid 11; a click file's classes lie
     inside the dataset's; a folder dataset names at least two classes);
   - the datasets build: every image and mask decodes, masks hold known classes;
@@ -43,7 +44,7 @@ def check_spec(cfg: TrainConfig, source: str = "spec") -> None:
     problems = check_models(cfg) + path_problems
     if not path_problems:
         class_problems = check_classes(cfg)
-        problems += class_problems or check_datasets(cfg)
+        problems += class_problems or check_init(cfg) + check_datasets(cfg)
     if cfg.sweep is not None:
         problems += check_search_space(cfg)
     if problems:
@@ -101,17 +102,19 @@ def check_paths(cfg: TrainConfig) -> list[str]:
     return problems
 
 
+def spec_num_classes(cfg: TrainConfig) -> int:
+    data = cfg.data
+    if data.dataset == "synthetic":
+        return data.synthetic.num_classes
+    return BUILTIN_NUM_CLASSES.get(data.dataset, len(data.classes or []))
+
+
 def check_classes(cfg: TrainConfig) -> list[str]:
     """The classes named or implied by the spec agree with each other and with the click files."""
     data = cfg.data
-    if data.dataset == "synthetic":
-        num_classes = data.synthetic.num_classes
-    elif data.dataset in BUILTIN_NUM_CLASSES:
-        num_classes = BUILTIN_NUM_CLASSES[data.dataset]
-    else:
-        num_classes = len(data.classes or [])
-        if num_classes < 2:
-            return ["data.classes: a folder dataset needs at least 2 classes (background first)"]
+    num_classes = spec_num_classes(cfg)
+    if data.dataset not in ("synthetic", *BUILTIN_NUM_CLASSES) and num_classes < 2:
+        return ["data.classes: a folder dataset needs at least 2 classes (background first)"]
     problems = []
     if data.classes is not None and len(data.classes) != num_classes:
         problems.append(f"data.classes: names {len(data.classes)} classes but the {data.dataset} dataset has "
@@ -129,6 +132,31 @@ def check_classes(cfg: TrainConfig) -> list[str]:
             validate_clicks(load_clicks(path), num_classes, path=path)
         except ClickFileError as e:
             problems.append(f"{field}: {e}")
+    return problems
+
+
+def check_init(cfg: TrainConfig) -> list[str]:
+    """A student that starts from a trained model (`init_from`) has that teacher's network
+    and classes, so that its weights load."""
+    from .registry import RegistryError, teacher_weights
+
+    problems = []
+    for k, student in enumerate(cfg.students):
+        if student.init_from is None or _is_remote(student.init_from):
+            continue
+        field = f"students.{k}.init_from"
+        try:
+            meta, _ = teacher_weights(student.init_from, k)
+        except (RegistryError, FileNotFoundError, ValueError) as e:
+            problems.append(f"{field}: {' '.join(str(e).split())}")
+            continue
+        theirs = meta["spec"]["students"][k]
+        differs = [f"{key} {theirs.get(key)!r} (this student: {getattr(student, key)!r})"
+                   for key in ("model", "decoder_channels") if theirs.get(key) != getattr(student, key)]
+        if len(meta["classes"]) != spec_num_classes(cfg):
+            differs.append(f"{len(meta['classes'])} classes (this dataset: {spec_num_classes(cfg)})")
+        if differs:
+            problems.append(f"{field}: teacher {k} of {student.init_from} differs: {', '.join(differs)}")
     return problems
 
 

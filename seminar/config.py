@@ -99,6 +99,9 @@ class StudentConfig(Strict):
     decoder_channels: int = Field(256, ge=16, le=1024, description="ASPP/decoder width (smaller = faster on CPU)")
     pretrained: str | None = Field(None, description="'imagenet' (the weights the package ships, for "
                                    "deeplabv3plus_efficientnet_lite0) or a torchvision ImageNet weights file")
+    init_from: str | None = Field(None, description="a trained model (checkpoint, run directory, registry name or "
+                                  "version): student k starts from its teacher k's weights, the next round of an "
+                                  "annotation loop; instead of pretrained")
     seed: int = 0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
@@ -115,6 +118,8 @@ class StudentConfig(Strict):
     def _packaged_weights(self):
         from seminar.models import IMAGENET, MODEL_PREFIX, PACKAGED_WEIGHTS
 
+        if self.pretrained is not None and self.init_from is not None:
+            raise ValueError("give pretrained or init_from, not both (init_from replaces every weight)")
         if self.pretrained == IMAGENET and self.model.removeprefix(MODEL_PREFIX) not in PACKAGED_WEIGHTS:
             raise ValueError(f"pretrained: imagenet ships only for "
                              f"{', '.join(MODEL_PREFIX + b for b in PACKAGED_WEIGHTS)}; for {self.model} name a file")

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint
+from . import checkpoint, registry
 from .config import ScheduleConfig, TrainConfig
 from .data import build_dataset
 from .data.base import IGNORE_INDEX
@@ -70,7 +70,10 @@ class StudentTask:
         self.k, self.cfg, self.ctx, self.num_classes = k, cfg, ctx, num_classes
         torch.manual_seed(spec.seed)  # same initial weights for student k wherever it runs
         net = build_model(spec.model, num_classes, spec.output_stride, spec.pretrained,
-                          spec.decoder_channels).to(ctx.device)
+                          spec.decoder_channels)
+        if spec.init_from is not None:
+            net.load_state_dict(registry.teacher_weights(spec.init_from, k)[1])
+        net = net.to(ctx.device)
         if ctx.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net  # the bare network (what the teacher averages and checkpoints hold)

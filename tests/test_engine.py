@@ -115,6 +115,30 @@ def test_segmenter_loads_a_checkpoint_and_segments(tmp_path):
     assert again.checkpoint == result.checkpoint
 
 
+def test_next_round_starts_from_the_trained_teachers(tmp_path):
+    """students.K.init_from: the annotation loop's next round starts where the last one ended,
+    each student from its own teacher there (not from ImageNet or from scratch)."""
+    from seminar.checkpoint import read_weights
+    from seminar.engine import StudentTask
+
+    first = run_in_process(tiny_spec(tmp_path, "optim.steps=2", "schedule.checkpoint_every=2"))
+    cfg = tiny_spec(tmp_path, f"students.0.init_from={tmp_path}/{first.run_name}", f"students.1.init_from={first.checkpoint}")
+    for k in range(2):
+        task = StudentTask(cfg, k, cfg.data.synthetic.num_classes, WorkerContext(students=[k]))
+        teacher = read_weights(first.checkpoint, k, "teacher")
+        assert all(torch.equal(v, teacher[name]) for name, v in task.net.state_dict().items())
+        assert all(torch.equal(v, teacher[name]) for name, v in task.teacher.module.state_dict().items())
+    # refused before any work, naming the field: another network, no such model, both sources
+    runner = CliRunner()
+    base = ["train", "--in-process", *[a for s in TINY for a in ("--set", s)], "--set", f"storage.path={tmp_path}"]
+    out = runner.invoke(app, [*base, "--set", "students.0.decoder_channels=32", "--set", f"students.0.init_from={first.checkpoint}"])
+    assert out.exit_code == 2 and "students.0.init_from" in out.output and "decoder_channels 16" in out.output, out.output
+    out = runner.invoke(app, [*base, "--set", f"students.0.init_from={tmp_path}/nope"])
+    assert out.exit_code == 2 and "students.0.init_from" in out.output, out.output
+    out = runner.invoke(app, [*base, "--set", "students.0.pretrained=imagenet", "--set", f"students.0.init_from={first.checkpoint}"])
+    assert out.exit_code == 2 and "not both" in out.output, out.output
+
+
 def test_cli_train_then_evaluate(tmp_path):
     runner = CliRunner()
     args = ["train", "--in-process", *[a for s in TINY for a in ("--set", s)],
