@@ -9,9 +9,10 @@ untrained checkpoint of `--model` (default: the CamVid study's network) written 
 training code's checkpoint writer, and measures, on the same machine and the same thread
 count, three ways of answering one image:
 
-  eager        the raw `model(x)` forward (softmax included) in this process: what a user
-               would write; the reference of every ratio
-  onnx         the same network exported (seminar.export) and run by ONNX Runtime here
+  eager        the raw `model(x).softmax(1)` forward in this process (probabilities at the
+               input size): what a user would write; the reference of every ratio
+  onnx         the same network exported (seminar.export: probabilities at the decoder's
+               stride 4, as served) and run by ONNX Runtime here
   served       POST /v1/segment on the endpoint (`serving.runtime`, default onnx): a JPEG
                of --image, resized to --infer-size, answered as a PNG label map at the
                original size
@@ -51,6 +52,11 @@ from pathlib import Path
 
 import numpy as np
 
+# The three arms take turns on the same cores: idle intra-op threads of the in-process arms
+# (torch's OpenMP team, ONNX Runtime's pool) would spin on the cores the replica then needs.
+# They sleep instead, as the replica's do (serving.omp_wait_policy). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -68,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image", default="640x480", help="uploaded image size, WIDTHxHEIGHT")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--batch", type=int, default=8, help="max batch size (served and offline)")
+    parser.add_argument("--wait-policy", default="passive", choices=["passive", "active"],
+                        help="the endpoint's serving.omp_wait_policy (idle intra-op threads sleep or spin)")
     parser.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s of the endpoint")
     parser.add_argument("--requests", type=int, default=40, help="sequential requests for the latency figures")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client in the throughput runs")
@@ -110,7 +118,9 @@ class RawModel:
 
         torch.set_num_threads(args.threads)
         eager = Segmenter.load(str(checkpoint), runtime="torch")
-        self.forwards = {"eager": eager.network,  # softmax included, as served
+        network = eager.network.network  # the bare nn.Module: what a user would load and call
+        self.forwards = {"eager": lambda x: network(x).softmax(1),  # model(x) at the input size, softmax included
+                         # what the endpoint runs: probabilities at the decoder's stride, upsampled once later
                          "onnx": Segmenter.load(str(checkpoint), runtime="onnx", threads=args.threads).network}
         self.x = eager.model_input(decode_image(jpeg, 2**30), args.infer_size).unsqueeze(0)
         self.batch = self.x.expand(args.batch, -1, -1, -1).contiguous()
@@ -245,7 +255,8 @@ def run(checkpoint: Path, jpeg: bytes, args) -> dict:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = ServingConfig(infer_size=args.infer_size, num_replicas=1, torch_threads=args.threads, runtime=args.runtime,
                             max_batch_size=args.batch, batch_pixel_budget=args.batch * args.infer_size**2,
-                            batch_wait_timeout_s=args.batch_wait, max_ongoing_requests=64, max_queued_requests=-1)
+                            batch_wait_timeout_s=args.batch_wait, max_ongoing_requests=64, max_queued_requests=-1,
+                            omp_wait_policy=args.wait_policy)
         serve.run(build_app(ServeArgs(model=str(checkpoint), serving=cfg)), name="bench", route_prefix="/")
         endpoint = Endpoint(f"http://127.0.0.1:{port}/v1/segment", jpeg)
         for _ in range(3):
@@ -271,7 +282,7 @@ def main() -> None:
     ratios = {c: figures[f"served_images_per_s_{c}"] / figures["offline_images_per_s"] for c in (8, 32)}
     height_px, width_px = figures["input"][2:]
     print(f"\nserving benchmark: {args.model}, {width}x{height} JPEG -> forward at {width_px}x{height_px}, "
-          f"served by {args.runtime}, {args.threads} threads, {len(os.sched_getaffinity(0))} cores, batch {args.batch}, "
+          f"served by {args.runtime} ({args.wait_policy} waits), {args.threads} threads, {len(os.sched_getaffinity(0))} cores, batch {args.batch}, "
           f"batch wait {1000 * args.batch_wait:g} ms; load average before/after {load_before} / {os.getloadavg()[0]:.1f}")
     print(f"{'latency, batch 1':<34}{'p50 ms':>10}{'p99 ms':>10}{'cpu ms':>10}")
     cpu = figures["cpu_ms"]

@@ -38,7 +38,7 @@ from scipy import ndimage
 from seminar.config import load_spec
 from seminar.data import build_dataset, make_click_table, write_click_table
 from seminar.data.base import IGNORE_INDEX
-from serving.batching import restore_size
+from seminar.predict import restore_size
 from serving.committee import MIN_REGION, Committee, in_image_pixels, suggested_clicks
 
 ARMS = ("suggested", "disagreement_max", "least_confident", "random", "segments", "weighted")

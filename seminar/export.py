@@ -4,7 +4,9 @@
     seminar serve model.onnx                          # served without the checkpoint
 
 The graph takes normalised images [B, 3, H, W] (any batch, height and width) and returns class
-probabilities [B, C, H, W] (softmax inside, and for an ensemble the mean of its members').
+probabilities [B, C, ceil(H/4), ceil(W/4)] at the decoder's stride (softmax inside, and for an
+ensemble the mean of its members'): what is served is upsampled once, to the image's own size
+(`seminar.predict.restore_size`), not to the input size inside the graph and again after it.
 Its `seminar` metadata entry is the checkpoint's meta.json plus the network it holds
 (`served`), so the classes, palette, version and preprocessing (the spec's load_scale,
 serving.infer_size, the ImageNet mean and std) travel with it.
@@ -35,7 +37,7 @@ from .data.base import MEAN, STD
 
 METADATA_KEY = "seminar"
 # Bumped when the exported graph changes for the same weights: the cache key includes it.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: probabilities at the decoder's stride
 OPSET = 18
 
 
@@ -44,14 +46,16 @@ class ExportError(ValueError):
 
 
 class Probabilities(nn.Module):
-    """A segmentation network (or Ensemble) that answers class probabilities."""
+    """A segmentation network (or Ensemble) that answers class probabilities at its decoder's
+    stride 4. Upsampling them to the input size here (11 classes at 512x384) and then again to
+    the image's own size took a third of the served forward (docs/performance.md)."""
 
     def __init__(self, network: nn.Module):
         super().__init__()
         self.network = network
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images).softmax(1)
+        return self.network.decode(images).softmax(1)
 
 
 def graph_metadata(meta: dict, served: str) -> dict:
@@ -128,6 +132,10 @@ class OnnxNetwork:
         # replicas sharing a node then do not oversubscribe its cores.
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.inter_op_num_threads = 1
+        # Idle threads of ONNX Runtime's own pool spin by default; the replica's OMP_WAIT_POLICY
+        # (serving.omp_wait_policy) governs them as it does torch's OpenMP threads.
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device == "cuda":  # else ONNX Runtime would quietly run on the CPU
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -14,6 +14,8 @@ from .config import checkpoint_spec
 from .data.transforms import model_input
 from .models import Ensemble, build_model
 
+# Upsample at most this many probability values at once when restoring a large image.
+RESTORE_CHUNK_VALUES = 32 * 2**20
 WHICH = ("best_teacher", "primary_teacher", "primary_student", "teacher_ensemble")
 
 
@@ -119,7 +121,8 @@ class Segmenter:
 
     @torch.no_grad()
     def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] normalised images -> [B,C,H,W] class probabilities."""
+        """[B,3,H,W] normalised images -> [B,C,H/4,W/4] class probabilities (the decoder's stride,
+        rounded up; `restore_size` takes them to any size)."""
         return self.network(images.to(self.device))
 
     def model_input(self, image: np.ndarray, max_long_side: int | None = None) -> torch.Tensor:
@@ -130,6 +133,36 @@ class Segmenter:
         """An original uint8 [H,W,3] RGB image -> (uint8 label map [H,W], float32 confidence
         [H,W]) at its own size: what the endpoint answers."""
         probs = self.predict_probs(self.model_input(image).unsqueeze(0))[0]
-        probs = F.interpolate(probs[None].float(), size=image.shape[:2], mode="bilinear", align_corners=False)[0]
-        confidence, label = probs.max(0)
-        return label.to(torch.uint8).cpu().numpy(), confidence.cpu().numpy()
+        return restore_size(probs.float().cpu(), *image.shape[:2])
+
+
+@torch.no_grad()
+def restore_size(probs: torch.Tensor, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """[C, h, w] probabilities -> (uint8 labels, float32 confidence), both [height, width].
+
+    Upsampled bilinearly as log-probabilities: they differ from the logits by one value per
+    pixel, so the labels are the argmax of the upsampled logits, what validation scores (and
+    sharper boundaries than upsampled labels); the confidence is their softmax's maximum. A
+    few classes at a time, with a running maximum and log-sum-exp, so that a 16-megapixel
+    answer never holds all C upsampled planes at once.
+    """
+    if probs.shape[-2:] == (height, width):
+        confidence, labels = probs.max(0)
+        return labels.to(torch.uint8).numpy(), confidence.numpy().astype(np.float32, copy=False)
+    log_probs = probs.float().clamp_min(1e-30).log()
+    chunk = max(1, RESTORE_CHUNK_VALUES // (height * width))
+    best = labels = total = None
+    for start in range(0, probs.shape[0], chunk):
+        part = F.interpolate(log_probs[None, start:start + chunk], size=(height, width), mode="bilinear",
+                             align_corners=False)[0]
+        part_best, part_labels = part.max(0)
+        part_total = part.logsumexp(0)
+        if best is None:
+            best, labels, total = part_best, part_labels, part_total
+        else:
+            better = part_best > best  # ties keep the lower class id, as a full argmax would
+            best = torch.where(better, part_best, best)
+            labels = torch.where(better, part_labels + start, labels)
+            total = torch.logaddexp(total, part_total)
+    confidence = (best - total).exp()
+    return labels.to(torch.uint8).numpy(), confidence.numpy().astype(np.float32, copy=False)

@@ -54,9 +54,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from seminar.config import ServingConfig
 from seminar.data.clicks import append_clicks, make_click_table
-from seminar.predict import Segmenter
+from seminar.predict import Segmenter, restore_size
 from seminar.registry import resolve_model
-from serving.batching import PixelBudget, QueuedImage, batch_cost, predict_batch, restore_size
+from serving.batching import PixelBudget, QueuedImage, batch_cost, predict_batch
 from serving.committee import Committee, suggested_clicks
 from serving.imaging import (
     RLE_CONVENTION,

@@ -1,5 +1,5 @@
-"""Batching by pixels, not only by count: the way in (`model_input`), the batch, and the
-way back to each image's own size (`restore_size`).
+"""Batching by pixels, not only by count: the way in (`model_input`), the batch, and each
+image's share of it (`predict_batch`; `seminar.predict.restore_size` takes it to the image's size).
 
 Every image is resized as the model takes it (`Segmenter.model_input`: its training scale,
 the long side at most `infer_size`), normalised, and queued. Serve's `@serve.batch` forms batches; its
@@ -22,13 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
-# Upsample at most this many probability values at once when restoring a large image.
-RESTORE_CHUNK_VALUES = 32 * 2**20
-
 
 @dataclass(frozen=True)
 class PixelBudget:
@@ -71,33 +66,18 @@ def pad_and_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def predict_batch(predict_probs: Callable[[torch.Tensor], torch.Tensor],
                   tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One forward over images of possibly different sizes -> each one's [C, h_i, w_i] probabilities."""
-    probs = predict_probs(pad_and_stack(tensors)).float().cpu()
-    return [p[:, : t.shape[-2], : t.shape[-1]] for p, t in zip(probs, tensors)]
+    """One forward over images of possibly different sizes -> each one's probabilities, cropped
+    to the image's share of the padded batch (at the network's output resolution: [C, h_i/4, w_i/4]
+    for the decoder's stride 4, rounded up)."""
+    batch = pad_and_stack(tensors)
+    probs = predict_probs(batch).float().cpu()
+    stride = output_stride(batch.shape[-2:], probs.shape[-2:])
+    return [p[:, : math.ceil(t.shape[-2] / stride), : math.ceil(t.shape[-1] / stride)] for p, t in zip(probs, tensors)]
 
 
-@torch.no_grad()
-def restore_size(probs: torch.Tensor, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """[C, h, w] probabilities -> (uint8 labels, float32 confidence), both [height, width].
-
-    Probabilities are upsampled bilinearly and the argmax taken at full size (sharper
-    boundaries than upsampling labels). A few classes at a time, with a running maximum,
-    so a 16-megapixel answer never holds all C upsampled planes at once.
-    """
-    if probs.shape[-2:] == (height, width):
-        confidence, labels = probs.max(0)
-        return labels.to(torch.uint8).numpy(), confidence.numpy().astype(np.float32, copy=False)
-    num_classes = probs.shape[0]
-    chunk = max(1, RESTORE_CHUNK_VALUES // (height * width))
-    best = labels = None
-    for start in range(0, num_classes, chunk):
-        part = F.interpolate(probs[None, start:start + chunk], size=(height, width), mode="bilinear",
-                             align_corners=False)[0]
-        part_best, part_labels = part.max(0)
-        if best is None:
-            best, labels = part_best, part_labels
-        else:
-            better = part_best > best  # ties keep the lower class id, as a full argmax would
-            best = torch.where(better, part_best, best)
-            labels = torch.where(better, part_labels + start, labels)
-    return labels.to(torch.uint8).numpy(), best.numpy().astype(np.float32, copy=False)
+def output_stride(input_size: tuple[int, int], output_size: tuple[int, int]) -> int:
+    """A network's output stride, from its input and output sizes (output = ceil(input / stride))."""
+    for stride in (1, 2, 4, 8, 16, 32):
+        if all(math.ceil(i / stride) == o for i, o in zip(input_size, output_size)):
+            return stride
+    raise ValueError(f"an output of {tuple(output_size)} for an input of {tuple(input_size)}: no output stride fits")

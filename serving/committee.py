@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from seminar.predict import Segmenter
@@ -83,7 +84,10 @@ class Committee:
 
     def __call__(self, tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Per image: (the served network's probabilities, the disagreement map or None)."""
-        members = [predict_batch(m.predict_probs, tensors) for m in self.members]
+        # at the input size (the networks answer at a quarter of it): suggestions and the
+        # disagreement's regions are placed and sized in its pixels
+        members = [[F.interpolate(p[None], size=t.shape[-2:], mode="bilinear", align_corners=False)[0]
+                    for p, t in zip(predict_batch(m.predict_probs, tensors), tensors)] for m in self.members]
         by_member = {m.which: probs for m, probs in zip(self.members, members)}
         if self.served.which in by_member:  # no second forward for a network already run
             served = by_member[self.served.which]

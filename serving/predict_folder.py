@@ -27,8 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from seminar import storage
-from seminar.predict import Segmenter
-from serving.batching import restore_size
+from seminar.predict import Segmenter, restore_size
 from serving.committee import Committee, suggested_clicks
 from serving.imaging import InputError, decode_image, label_png
 

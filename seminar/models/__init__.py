@@ -118,3 +118,7 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([n(x).softmax(1) for n in self.networks]).mean(0).log()
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """forward at the members' decoder stride (4), before their last upsampling."""
+        return torch.stack([n.decode(x).softmax(1) for n in self.networks]).mean(0).log()

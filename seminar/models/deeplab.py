@@ -69,7 +69,8 @@ class ASPP(nn.Module):
 
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ over a backbone whose forward returns ``(low_level, last)`` and which exposes
-    ``low_level_channels`` and ``out_channels``. ``forward(x [B,3,H,W]) -> logits [B,C,H,W]``."""
+    ``low_level_channels`` and ``out_channels``. ``forward(x [B,3,H,W]) -> logits [B,C,H,W]``;
+    ``decode(x)`` the same logits before the last upsampling, at the decoder's stride 4."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, output_stride: int = 16, decoder_channels: int = 256) -> None:
         super().__init__()
@@ -100,9 +101,11 @@ class DeepLabV3Plus(nn.Module):
         # spike that the first steps spend undoing.
         nn.init.normal_(self.classifier.weight, std=0.01)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def decode(self, x: Tensor) -> Tensor:
         low_level, last = self.backbone(x)
         low_level = self.low_level_project(low_level)
         context = F.interpolate(self.aspp(last), size=low_level.shape[-2:], mode="bilinear", align_corners=False)
-        logits = self.classifier(self.decoder(torch.cat([context, low_level], dim=1)))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.decoder(torch.cat([context, low_level], dim=1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(self.decode(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
