@@ -98,6 +98,15 @@ def test_runtime_switch_caches_the_export_and_falls_back_to_eager(tmp_path, monk
     assert Segmenter.load(checkpoint, runtime="onnx").runtime == "onnx"
     assert len(exports) == 1 and len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1  # the second from the cache
     assert Segmenter.load(checkpoint, runtime="torch").runtime == "torch"
+    # the replica's wait policy governs ONNX Runtime's threads too: passive = they do not spin
+    spinning = "session.intra_op.allow_spinning"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    options = Segmenter.load(checkpoint, runtime="onnx").network.session.get_session_options()
+    assert options.get_session_config_entry(spinning) == "0"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    options = Segmenter.load(checkpoint, runtime="onnx").network.session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spin
+        options.get_session_config_entry(spinning)
     with pytest.raises(ValueError, match="runtime must be one of"):
         Segmenter.load(checkpoint, runtime="tensorrt")
 
