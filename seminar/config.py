@@ -101,7 +101,7 @@ class StudentConfig(Strict):
                                    "deeplabv3plus_efficientnet_lite0) or a torchvision ImageNet weights file")
     init_from: str | None = Field(None, description="a trained model (checkpoint, run directory, registry name or "
                                   "version): student k starts from its teacher k's weights, the next round of an "
-                                  "annotation loop; instead of pretrained")
+                                  "annotation loop (its pretrained weights are then not loaded)")
     seed: int = 0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
@@ -118,8 +118,6 @@ class StudentConfig(Strict):
     def _packaged_weights(self):
         from seminar.models import IMAGENET, MODEL_PREFIX, PACKAGED_WEIGHTS
 
-        if self.pretrained is not None and self.init_from is not None:
-            raise ValueError("give pretrained or init_from, not both (init_from replaces every weight)")
         if self.pretrained == IMAGENET and self.model.removeprefix(MODEL_PREFIX) not in PACKAGED_WEIGHTS:
             raise ValueError(f"pretrained: imagenet ships only for "
                              f"{', '.join(MODEL_PREFIX + b for b in PACKAGED_WEIGHTS)}; for {self.model} name a file")

@@ -69,8 +69,8 @@ class StudentTask:
         spec, o = cfg.students[k], cfg.optim
         self.k, self.cfg, self.ctx, self.num_classes = k, cfg, ctx, num_classes
         torch.manual_seed(spec.seed)  # same initial weights for student k wherever it runs
-        net = build_model(spec.model, num_classes, spec.output_stride, spec.pretrained,
-                          spec.decoder_channels)
+        net = build_model(spec.model, num_classes, spec.output_stride,
+                          spec.pretrained if spec.init_from is None else None, spec.decoder_channels)
         if spec.init_from is not None:
             net.load_state_dict(registry.teacher_weights(spec.init_from, k)[1])
         net = net.to(ctx.device)
