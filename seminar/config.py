@@ -304,8 +304,8 @@ class ServingConfig(Strict):
                                   "body_timeout_s; past this, a new body must arrive within 1 s or gets 503 with "
                                   "Retry-After, so slow senders cannot hold every slot in turn")
     runtime: Literal["onnx", "torch"] = Field(
-        "onnx", description="onnx: the network exported and run on ONNX Runtime (on 2 CPU cores 1.3x faster "
-                            "than eager at batch 1, 1.8x batched: docs/performance.md); torch: eager PyTorch (also the fallback if the export fails)")
+        "onnx", description="onnx: the network exported and run on ONNX Runtime (on 2 CPU cores 1.6x faster "
+                            "than eager at batch 1, 1.65x batched: docs/performance.md); torch: eager PyTorch (also the fallback if the export fails)")
     suggest_clicks: int = Field(0, ge=0, le=100, description="where to click next: this many suggested clicks per "
                                 "answer where the students' teachers disagree (> 0 runs every teacher; free when "
                                 "teacher_ensemble is served, else one forward per teacher)")

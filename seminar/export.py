@@ -12,7 +12,7 @@ Its `seminar` metadata entry is the checkpoint's meta.json plus the network it h
 serving.infer_size, the ImageNet mean and std) travel with it.
 
 Why ONNX Runtime: on 2 CPU cores it runs the EfficientNet-Lite0 DeepLabV3+ at the endpoint's
-default size 1.3x faster than eager PyTorch at batch 1 and 1.8x batched (docs/performance.md); eager PyTorch stays as the fallback
+default size 1.6x faster than eager PyTorch at batch 1 and 1.65x batched (docs/performance.md); eager PyTorch stays as the fallback
 (`serving.runtime: torch`). Exporting uses torch's own exporter (torch.export), which keeps
 the height and width symbolic: the older TorchScript exporter bakes the trace's image size
 into the ASPP pooling and the upsampling, and answers other sizes wrongly.
