@@ -72,7 +72,7 @@ class StudentTask:
         net = build_model(spec.model, num_classes, spec.output_stride,
                           spec.pretrained if spec.init_from is None else None, spec.decoder_channels)
         if spec.init_from is not None:
-            net.load_state_dict(registry.teacher_weights(spec.init_from, k)[1])
+            net.load_state_dict(registry.teacher_weights(spec.init_from, k))
         net = net.to(ctx.device)
         if ctx.channels_last:
             net = net.to(memory_format=torch.channels_last)

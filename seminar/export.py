@@ -47,8 +47,8 @@ class ExportError(ValueError):
 
 class Probabilities(nn.Module):
     """A segmentation network (or Ensemble) that answers class probabilities at its decoder's
-    stride 4. Upsampling them to the input size here (11 classes at 512x384) and then again to
-    the image's own size took a third of the served forward (docs/performance.md)."""
+    stride 4. Upsampling them to the input size here and then again to the image's own size
+    made the graph and that resize 1.4x slower (bench/served_graph.py)."""
 
     def __init__(self, network: nn.Module):
         super().__init__()

@@ -133,7 +133,7 @@ class Segmenter:
         """An original uint8 [H,W,3] RGB image -> (uint8 label map [H,W], float32 confidence
         [H,W]) at its own size: what the endpoint answers."""
         probs = self.predict_probs(self.model_input(image).unsqueeze(0))[0]
-        return restore_size(probs.float().cpu(), *image.shape[:2])
+        return restore_size(probs.cpu(), *image.shape[:2])
 
 
 @torch.no_grad()

@@ -427,10 +427,9 @@ def resolve_model(uri: str, registry: str | None = None) -> ResolvedModel:
     return ResolvedModel(uri, str(local), version, registry_metadata)
 
 
-def teacher_weights(ref: str, k: int) -> tuple[dict, dict]:
-    """(checkpoint meta, state dict) of teacher k in the model `ref` names (as `resolve_model`
-    takes it): where student k of the next round starts (`students.K.init_from`). The teacher,
-    not the student: its EMA weights are what the model serves."""
+def teacher_source(ref: str, k: int) -> tuple[str, dict]:
+    """(checkpoint, its meta) of the model `ref` names (as `resolve_model` takes it), checked to
+    hold a teacher k: where student k of the next round starts (`students.K.init_from`)."""
     found = resolve_model(ref)
     if found.checkpoint.endswith(".onnx"):
         raise RegistryError(f"{ref}: an exported graph holds no trainable weights; name the checkpoint it came from")
@@ -438,8 +437,14 @@ def teacher_weights(ref: str, k: int) -> tuple[dict, dict]:
     students = meta.get("num_students", len(meta.get("spec", {}).get("students", [])))
     if k >= students:
         raise RegistryError(f"{ref}: has {students} student(s), no teacher {k}")
-    directory = local_copy(found.checkpoint, [checkpoint.weights_file(k, "teacher")])
-    return meta, checkpoint.read_weights(directory, k, "teacher")
+    return found.checkpoint, meta
+
+
+def teacher_weights(ref: str, k: int) -> dict:
+    """The state dict of teacher k in the model `ref` names. The teacher, not the student: its
+    EMA weights are what the model serves."""
+    source, _ = teacher_source(ref, k)
+    return checkpoint.read_weights(local_copy(source, [checkpoint.weights_file(k, "teacher")]), k, "teacher")
 
 
 def fetch_reference(uri_or_name: str, registry: str | None = None) -> Path:
