@@ -124,7 +124,8 @@ def main() -> None:
         height, width = sample.mask.shape
         [(probs, disagreement)] = committee([committee.served.model_input(sample.image)])
         served, _ = restore_size(probs, height, width)
-        labels, doubt = probs.argmax(0).numpy(), disagreement.numpy()
+        doubt = disagreement.numpy()
+        labels, confidence = restore_size(probs, *doubt.shape)  # the served network at the map's size
 
         def in_image(points):
             return in_image_pixels(points, doubt.shape, width, height)
@@ -132,7 +133,7 @@ def main() -> None:
         points = {
             "suggested": suggested_clicks(doubt, args.clicks, width, height),
             "disagreement_max": in_image(lowest_points(-disagreement, args.clicks)),
-            "least_confident": in_image(lowest_points(probs.max(0).values, args.clicks)),
+            "least_confident": in_image(lowest_points(torch.from_numpy(confidence), args.clicks)),
             "random": [{"x": int(x), "y": int(y)} for x, y in
                        zip(rng.integers(0, width, args.clicks), rng.integers(0, height, args.clicks))],
             "segments": in_image(suggest_segment_clicks(labels, doubt, args.clicks)),

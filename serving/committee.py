@@ -83,11 +83,9 @@ class Committee:
         return cls(served, members)
 
     def __call__(self, tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per image: (the served network's probabilities, the disagreement map or None)."""
-        # at the input size (the networks answer at a quarter of it): suggestions and the
-        # disagreement's regions are placed and sized in its pixels
-        members = [[F.interpolate(p[None], size=t.shape[-2:], mode="bilinear", align_corners=False)[0]
-                    for p, t in zip(predict_batch(m.predict_probs, tensors), tensors)] for m in self.members]
+        """Per image: (the served network's probabilities, at the networks' output resolution as
+        without a committee; the disagreement map at the input size, or None)."""
+        members = [predict_batch(m.predict_probs, tensors) for m in self.members]
         by_member = {m.which: probs for m, probs in zip(self.members, members)}
         if self.served.which in by_member:  # no second forward for a network already run
             served = by_member[self.served.which]
@@ -95,7 +93,12 @@ class Committee:
             served = [torch.stack(per_image).mean(0) for per_image in zip(*members)]
         else:
             served = predict_batch(self.served.predict_probs, tensors)
-        maps = [disagreement_map(list(per_image)) for per_image in zip(*members)] if members else [None] * len(tensors)
+        if not members:
+            return [(p, None) for p in served]
+        # at the input size (the networks answer at a quarter of it): suggestions and the
+        # disagreement's regions are placed and sized in its pixels
+        maps = [disagreement_map([F.interpolate(p[None], size=t.shape[-2:], mode="bilinear", align_corners=False)[0]
+                                  for p in per_image]) for per_image, t in zip(zip(*members), tensors)]
         return list(zip(served, maps))
 
 
