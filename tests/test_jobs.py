@@ -399,10 +399,13 @@ def test_sweep_on_a_cluster_too_small_for_one_trial_fails_at_once(ray_session, t
 def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, tmp_path, monkeypatch):
     """4 trials of 2-worker runs: lr 3e-3 trains, lr 1e-9 does not. Grid order runs the two
     good trials first, so ASHA (grace 1 evaluation, reduction 2) stops the two poor ones at
-    their first evaluation; the best checkpoint goes to the S3 registry. Until the sweep says
-    why it waits, something else holds 5 of the cluster's 8 CPUs: the second trial's workers
-    wait, and the sweep names their demand against what is free; at each evaluation it prints
-    the trials."""
+    their first evaluation; the best checkpoint goes to the S3 registry. ASHA is asynchronous:
+    the second good trial to reach its first evaluation meets a cutoff made of the other's score
+    alone, and is stopped when it scores a hair below it (the two EMA decays score within 0.001
+    here), so only one good trial - the first evaluated, which meets no cutoff - surely runs on.
+    Until the sweep says why it waits, something else holds 5 of the cluster's 8 CPUs: the
+    second trial's workers wait, and the sweep names their demand against what is free; at
+    each evaluation it prints the trials."""
     import io
     import threading
 
@@ -449,7 +452,8 @@ def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, 
 
     assert len(result.trials) == 4 and all(t.status == "TERMINATED" for t in result.trials), result.trials
     stopped = {t.trial_id for t in result.stopped_early}
-    assert stopped and all(t.params["optim.lr"] == 1e-9 for t in result.stopped_early), result.trials
+    poor = {t.trial_id for t in result.trials if t.params["optim.lr"] == 1e-9}
+    assert len(poor) == 2 and poor <= stopped and len(stopped) < 4, result.trials
     for t in result.trials:
         assert t.evaluations == (1 if t.trial_id in stopped else 2)
         # Every student's metrics reach Tune, not only rank 0's student - and they are its

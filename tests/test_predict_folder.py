@@ -71,6 +71,20 @@ def test_disagreement_is_zero_where_teachers_agree_and_high_where_they_differ():
     assert suggest_clicks(np.full((10, 10), DISAGREE_LEVEL / 2, np.float32), 3) == []
 
 
+def test_committee_serves_the_same_probabilities_as_the_network_alone(two_teachers):
+    """Suggestions on or off, the served answer is the same: the probabilities at the networks'
+    output resolution (restore_size takes them to the image's), the disagreement at the input size."""
+    from serving.batching import predict_batch
+
+    committee = Committee.load(two_teachers, None, "torch", 1)
+    tensors = [torch.rand(3, 96, 128), torch.rand(3, 128, 80)]
+    alone = predict_batch(committee.served.predict_probs, tensors)
+    for (probs, disagreement), expected, t in zip(committee(tensors), alone, tensors):
+        assert probs.shape == expected.shape and probs.shape[-2:] != t.shape[-2:]
+        torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+        assert disagreement.shape == t.shape[-2:]
+
+
 def test_predict_folder_writes_label_maps_and_a_table_and_resumes(two_teachers, photos, tmp_path):
     out = tmp_path / "out"
     committee = Committee.load(two_teachers, None, "torch", 1)
