@@ -1,4 +1,4 @@
-"""Where to click next, tested: N more clicks per CamVid training image, six ways.
+"""Where to click next, tested: N more clicks per CamVid training image, seven ways.
 
 From a trained model with two or more students, for every training image:
   suggested      the committee's suggestions (`serving.committee`: the most interior points of
@@ -14,7 +14,11 @@ From a trained model with two or more students, for every training image:
                  first (session 9: a try at beating random);
   weighted       N pixels drawn at random with probability proportional to the disagreement
                  (plus a floor), off predicted class boundaries (session 9: random's spread,
-                 leaning towards doubt).
+                 leaning towards doubt);
+  balanced       drawn as weighted, but each class of the served label map gets an equal share
+                 of the draw (times its mean doubt) instead of a share by its area (session 11:
+                 random's clicks go where the area is - Road, Sky, Building - while the
+                 per-class mean IoU is lost on the thin, rare classes).
 A simulated annotator labels each point with the ground-truth class under it; a point on
 void (CamVid's unlabelled pixels) gets no label and is counted as spent. Each arm is written
 as a click table (`OUT/ARM.parquet`, source `user`) for `data.extra_clicks`; a summary (clicks
@@ -41,7 +45,7 @@ from seminar.data.base import IGNORE_INDEX
 from seminar.predict import restore_size
 from serving.committee import MIN_REGION, Committee, in_image_pixels, suggested_clicks
 
-ARMS = ("suggested", "disagreement_max", "least_confident", "random", "segments", "weighted")
+ARMS = ("suggested", "disagreement_max", "least_confident", "random", "segments", "weighted", "balanced")
 INTERIOR = 3  # pixels at inference size a weighted pick keeps from a predicted class boundary
 WEIGHT_FLOOR = 0.05  # added to the disagreement: agreed-on pixels keep some chance
 SPACING = 8  # pixels at inference size between two points of the pixel-wise arms (their extremes clump)
@@ -84,16 +88,22 @@ def suggest_segment_clicks(labels: np.ndarray, disagreement: np.ndarray, count: 
     return clicks
 
 
-def weighted_points(labels: np.ndarray, disagreement: np.ndarray, count: int, rng: np.random.Generator) -> list[tuple[int, int, float]]:
+def weighted_points(labels: np.ndarray, disagreement: np.ndarray, count: int, rng: np.random.Generator,
+                    balance_classes: bool = False) -> list[tuple[int, int, float]]:
     """`count` distinct pixels drawn at random with probability proportional to the disagreement
     (plus WEIGHT_FLOOR), among those at least INTERIOR pixels from a predicted boundary: random's
     spread over the image, leaning towards where the teachers doubt, off the edges where a click's
-    disk would cover two classes."""
+    disk would cover two classes. With `balance_classes` each pixel's weight is divided by its
+    predicted class's area in the image, so that every class gets the same share of the draw."""
     edges = np.zeros(labels.shape, bool)
     edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
     edges[1:, :] |= labels[1:, :] != labels[:-1, :]
     interior = ndimage.distance_transform_edt(~edges) >= INTERIOR
-    weights = ((disagreement + WEIGHT_FLOOR) * interior).ravel()
+    weights = (disagreement + WEIGHT_FLOOR) * interior
+    if balance_classes:
+        area = np.bincount(labels.ravel(), weights=interior.ravel())
+        weights = weights / np.maximum(area, 1)[labels]
+    weights = weights.ravel()
     if weights.sum() == 0:
         weights = np.ones_like(weights)
     picks = rng.choice(weights.size, size=min(count, int((weights > 0).sum())), replace=False, p=weights / weights.sum())
@@ -115,7 +125,8 @@ def main() -> None:
         parser.error(f"{args.model}: one network, no committee to disagree")
     dataset = build_dataset(load_spec(args.config).data, "train")
     rng = np.random.default_rng(args.seed)
-    weighted_rng = np.random.default_rng([args.seed, 1])  # its own stream: the random arm's draws stay as they were
+    # their own streams: the other arms' draws stay as they were
+    weighted_rng, balanced_rng = np.random.default_rng([args.seed, 1]), np.random.default_rng([args.seed, 2])
     picked: dict[str, list] = {arm: [] for arm in ARMS}
     spent = {arm: 0 for arm in ARMS}
     wrong = {arm: 0 for arm in ARMS}  # kept clicks where the served network was wrong: what a click can teach
@@ -138,6 +149,7 @@ def main() -> None:
                        zip(rng.integers(0, width, args.clicks), rng.integers(0, height, args.clicks))],
             "segments": in_image(suggest_segment_clicks(labels, doubt, args.clicks)),
             "weighted": in_image(weighted_points(labels, doubt, args.clicks, weighted_rng)),
+            "balanced": in_image(weighted_points(labels, doubt, args.clicks, balanced_rng, balance_classes=True)),
         }
         for arm, arm_points in points.items():
             spent[arm] += len(arm_points)
