@@ -14,7 +14,9 @@ Measures six configurations, one after the other, and prints them side by side:
   4. one student on one Ray worker (no peers, no exchange): the ideal per-student step;
   5. K students in this one process (`InProcessExchange`), with as many torch threads as
      one worker has (`--inproc-threads` to change; more threads than free cores make
-     torch's thread pool collapse on a busy machine);
+     torch's thread pool collapse on a busy machine): the same method work as 1 (the peers'
+     pseudo-labels, their fusion and `loss_ss`), nothing distributed - its CPU seconds per
+     student-step are the fair denominator of K on K, where 4 skips `loss_ss`;
   6. the machine's own floor, without Ray or the method: K plain processes each timing a
      bare forward/backward/optimizer step of student 0's network on a batch of the same
      size, started together, against one such process alone. What K on K costs beyond this ratio is
@@ -24,7 +26,8 @@ Measures six configurations, one after the other, and prints them side by side:
 Step time is the engine's `s{k}/step_time` (look ahead + collect + train, excluding
 reporting), CPU/step its `s{k}/step_cpu_time` (CPU seconds of the worker process in that
 step: CPU/step near the step time means the worker computed all along; well below, it waited
-for a core): the median over the steps after `--warmup` of all `--rounds` runs, which are
+for a core), (thread) its `s{k}/step_thread_cpu_time` (the training thread's share: with one
+torch thread, the computation itself; the rest is Ray's threads and the loader's): the median over the steps after `--warmup` of all `--rounds` runs, which are
 interleaved so that load from other users of the machine hits every configuration alike.
 Exchange wait is the mean `s{k}/exchange_wait`. The 20th percentile (p20) is printed too:
 on a shared machine other users' load only ever adds time, so it is the steadier figure.
@@ -118,14 +121,17 @@ def summarize(steps: list[dict], num_students: int, warmup: int, last: int) -> d
     times = [m[f"s{k}/step_time"] for m in kept for k in range(num_students)]
     waits = [m.get(f"s{k}/exchange_wait", 0.0) for m in kept for k in range(num_students)]
     cpu = [m[f"s{k}/step_cpu_time"] for m in kept for k in range(num_students)]
-    return step_figures(times, cpu, waits)
+    thread_cpu = [m[f"s{k}/step_thread_cpu_time"] for m in kept for k in range(num_students)]
+    return step_figures(times, cpu, waits, thread_cpu)
 
 
-def step_figures(times: list[float], cpu: list[float], waits: list[float]) -> dict[str, float]:
+def step_figures(times: list[float], cpu: list[float], waits: list[float],
+                 thread_cpu: list[float] | None = None) -> dict[str, float]:
     """One row of the table: median and 20th-percentile step time, mean exchange wait,
-    median CPU seconds per step."""
+    median CPU seconds per step, of the process and of its training thread."""
     return {"step_time": statistics.median(times), "p20": statistics.quantiles(times, n=5)[0],
-            "wait": statistics.mean(waits), "cpu": statistics.median(cpu)}
+            "wait": statistics.mean(waits), "cpu": statistics.median(cpu),
+            "thread_cpu": statistics.median(thread_cpu or cpu)}
 
 
 def on_ray(cfg: TrainConfig, workdir: Path, name: str) -> list[dict]:
@@ -206,18 +212,20 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()[0]
     t0 = time.time()
     steps: dict[str, list[dict]] = {name: [] for name in configs}
+    threads = args.inproc_threads or max(1, int(configs["k_on_k"][0].resources.cpus_per_worker))
+    steps["in_process"] = []
     started_here = connect(args.address, configs["k_on_k"][0])
     try:
         for r in range(args.rounds):  # interleaved, so that other users' load hits every configuration
             for name, (cfg, _) in configs.items():
                 steps[name] += on_ray(cfg, workdir, f"{name}-{r}")
+            steps["in_process"] += in_process(configs["k_on_k"][0], threads)
     finally:
         if started_here:
             ray.shutdown()
     results = {name: summarize(steps[name], n, args.warmup, args.steps) for name, (_, n) in configs.items()}
-    threads = args.inproc_threads or max(1, int(configs["k_on_k"][0].resources.cpus_per_worker))
-    # One in-process step trains all K students.
-    results["in_process"] = summarize(in_process(configs["k_on_k"][0], threads), 1, args.warmup, args.steps)
+    # One in-process step trains all K students: per student-step, its CPU seconds / K.
+    results["in_process"] = summarize(steps["in_process"], 1, args.warmup, args.steps)
     results["in_process"]["wait"] = 0.0
     floor: dict[str, list[tuple[float, float]]] = {"floor_k": [], "floor_one": []}
     for _ in range(args.rounds):  # interleaved too
@@ -243,11 +251,13 @@ def main(argv=None) -> None:
         (f"machine: {K} bare training processes", results["floor_k"]),
         ("machine: 1 bare training process", results["floor_one"]),
     ]
-    print(f"{'configuration':<44} {'step time':>10} {'(p20)':>8} {'CPU/step':>9} {'exchange wait':>14} {'wait share':>11}")
+    print(f"{'configuration':<44} {'step time':>10} {'(p20)':>8} {'CPU/step':>9} {'(thread)':>9} {'exchange wait':>14} "
+          f"{'wait share':>11}")
     for label, r in rows:
         share = f"{100 * r['wait'] / r['step_time']:.1f}%" if r["wait"] else "-"
         wait = f"{1000 * r['wait']:.1f} ms" if r["wait"] else "-"
-        print(f"{label:<44} {r['step_time']:>8.3f} s {r['p20']:>7.3f} {r['cpu']:>7.3f} s {wait:>14} {share:>11}")
+        print(f"{label:<44} {r['step_time']:>8.3f} s {r['p20']:>7.3f} {r['cpu']:>7.3f} s {r['thread_cpu']:>7.3f} s "
+              f"{wait:>14} {share:>11}")
 
     def ratio(a: str, b: str) -> str:
         return (f"{results[a]['step_time'] / results[b]['step_time']:.2f}x "
@@ -261,6 +271,11 @@ def main(argv=None) -> None:
           f"CPU seconds per step: {results['k_on_k']['cpu'] / results['one']['cpu']:.2f}x "
           f"(above 1: work the distribution adds; the rest of the wall-time ratio is waiting for a core)")
     print(f"K on K / K on K without exchange: {ratio('k_on_k', 'k_on_k_alone')}")
+    print(f"K on K / the same K students in one process, CPU seconds per student-step: "
+          f"{K * results['k_on_k']['cpu'] / results['in_process']['cpu']:.2f}x (the same method work, "
+          f"loss_ss included: what distributing them adds; 'one student' has no peers and skips loss_ss); "
+          f"of the training thread alone {K * results['k_on_k']['thread_cpu'] / results['in_process']['thread_cpu']:.2f}x "
+          f"(above 1: the same computation ran slower - the machine; the rest is other threads)")
     print(f"K in one process / one student: {ratio('in_process', 'one')}")
     machine = results["floor_k"]["step_time"] / results["floor_one"]["step_time"]
     print(f"machine floor, K bare processes / one: {ratio('floor_k', 'floor_one')}; "

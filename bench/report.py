@@ -60,12 +60,15 @@ def render(step: dict, serve: dict, exchange: dict | None) -> str:
         r, k = exchange["results"], exchange["students"]
         share = r["k_on_k"]["wait"] / r["k_on_k"]["step_time"]
         cpu_k = r["k_on_k"]["cpu"] / r["one"]["cpu"]
+        cpu_same = k * r["k_on_k"]["cpu"] / r["in_process"]["cpu"]  # one in-process step trains all k
         wall_k = r["k_on_k"]["step_time"] / r["one"]["step_time"]
         rows += [
             ("exchange wait / step, lookahead", f"{100 * share:.1f}% (without the lookahead "
              f"{100 * r['k_on_k_sync']['wait'] / r['k_on_k_sync']['step_time']:.1f}%)", "<= 1%", verdict(share <= 0.01)),
             (f"{k} students on {k} workers / 1 on 1, CPU-s per student-step", f"{cpu_k:.2f}", "<= 1.05",
              verdict(cpu_k <= 1.05)),
+            (f"{k} students on {k} workers / the same {k} in one process, CPU-s per student-step", f"{cpu_same:.2f}",
+             "<= 1.05", verdict(cpu_same <= 1.05)),
             (f"{k} students on {k} workers / 1 on 1, wall", f"{wall_k:.2f} (machine floor "
              f"{r['floor_k']['step_time'] / r['floor_one']['step_time']:.2f})",
              "" if exchange["free_cores"] < k else "<= 1.05",

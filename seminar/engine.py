@@ -314,7 +314,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
 
     def train_step(step: int) -> dict[str, float]:
         nonlocal batch, teacher_probs
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        t0, cpu0, thread_cpu0 = time.perf_counter(), time.process_time(), time.thread_time()
         next_batch = next_teacher_probs = None
         if step + 1 < optim.steps:  # 1. look ahead: the teachers predict the next batch
             next_batch = _to_device(next(batches), ctx.device)
@@ -328,8 +328,12 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
         # CPU seconds of this whole process (torch's threads, Ray's): against step_time it
         # tells work done from time spent waiting for a core, a GPU or data.
         step_cpu_time = time.process_time() - cpu0
+        # ... and of this thread alone: the training itself at torch_threads=1; the rest of
+        # step_cpu_time is other threads (Ray's, torch's pool, a loader's)
+        step_thread_cpu_time = time.thread_time() - thread_cpu0
         for k in tasks:
             metrics.update({student_key(k, "step_time"): step_time, student_key(k, "step_cpu_time"): step_cpu_time,
+                            student_key(k, "step_thread_cpu_time"): step_thread_cpu_time,
                             student_key(k, "images_per_s"): per_replica / step_time})
         batch, teacher_probs = next_batch, next_teacher_probs
         return metrics

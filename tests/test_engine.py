@@ -66,9 +66,10 @@ def test_seminar_run_reports_every_student_and_checkpoints(tmp_path):
     logged, saved = run(cfg)
     last = logged[-1]
     for k in range(2):
-        for key in ("loss", "loss_sup", "loss_ts", "loss_ss", "pseudo_frac", "step_time", "step_cpu_time", "exchange_wait",
-                    "images_per_s", "val_miou_student", "val_miou_teacher"):
+        for key in ("loss", "loss_sup", "loss_ts", "loss_ss", "pseudo_frac", "step_time", "step_cpu_time",
+                    "step_thread_cpu_time", "exchange_wait", "images_per_s", "val_miou_student", "val_miou_teacher"):
             assert f"s{k}/{key}" in last
+        assert 0 < last[f"s{k}/step_thread_cpu_time"] <= last[f"s{k}/step_cpu_time"] + 1e-3
         assert last[f"s{k}/pseudo_frac"] == pytest.approx(1.0)  # tau=0: every unclicked valid pixel gets a label
         assert last[f"s{k}/loss_ss"] > 0 and last[f"s{k}/loss_ts"] > 0
         # diagnostics against the synthetic masks (never trained on)
