@@ -27,8 +27,9 @@ Step time is the engine's `s{k}/step_time` (look ahead + collect + train, exclud
 reporting), CPU/step its `s{k}/step_cpu_time` (CPU seconds of the worker process in that
 step: CPU/step near the step time means the worker computed all along; well below, it waited
 for a core), (thread) its `s{k}/step_thread_cpu_time` (the training thread's share: with one
-torch thread, the computation itself; the rest is Ray's threads and the loader's): the median over the steps after `--warmup` of all `--rounds` runs, which are
-interleaved so that load from other users of the machine hits every configuration alike.
+torch thread, the computation itself; the rest is Ray's threads and the loader's): the median
+over the steps after `--warmup` of all `--rounds` runs, which are interleaved so that load
+from other users of the machine hits every configuration alike.
 Exchange wait is the mean `s{k}/exchange_wait`. The 20th percentile (p20) is printed too:
 on a shared machine other users' load only ever adds time, so it is the steadier figure.
 Targets: wait <= 3% of the step with the lookahead; K on K <= 1.15x one student. The
@@ -125,13 +126,12 @@ def summarize(steps: list[dict], num_students: int, warmup: int, last: int) -> d
     return step_figures(times, cpu, waits, thread_cpu)
 
 
-def step_figures(times: list[float], cpu: list[float], waits: list[float],
-                 thread_cpu: list[float] | None = None) -> dict[str, float]:
+def step_figures(times: list[float], cpu: list[float], waits: list[float], thread_cpu: list[float]) -> dict[str, float]:
     """One row of the table: median and 20th-percentile step time, mean exchange wait,
     median CPU seconds per step, of the process and of its training thread."""
     return {"step_time": statistics.median(times), "p20": statistics.quantiles(times, n=5)[0],
             "wait": statistics.mean(waits), "cpu": statistics.median(cpu),
-            "thread_cpu": statistics.median(thread_cpu or cpu)}
+            "thread_cpu": statistics.median(thread_cpu)}
 
 
 def on_ray(cfg: TrainConfig, workdir: Path, name: str) -> list[dict]:
@@ -232,7 +232,8 @@ def main(argv=None) -> None:
         floor["floor_k"] += machine_floor(configs["k_on_k"][0], args, K, threads)
         floor["floor_one"] += machine_floor(configs["k_on_k"][0], args, 1, threads)
     for name, steps_ in floor.items():
-        results[name] = step_figures([wall for wall, _ in steps_], [cpu for _, cpu in steps_], [0.0])
+        cpu = [cpu for _, cpu in steps_]  # one single-threaded process: its CPU is its thread's
+        results[name] = step_figures([wall for wall, _ in steps_], cpu, [0.0], cpu)
 
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)  # the runs' checkpoints: hundreds of MB
@@ -275,7 +276,7 @@ def main(argv=None) -> None:
           f"{K * results['k_on_k']['cpu'] / results['in_process']['cpu']:.2f}x (the same method work, "
           f"loss_ss included: what distributing them adds; 'one student' has no peers and skips loss_ss); "
           f"of the training thread alone {K * results['k_on_k']['thread_cpu'] / results['in_process']['thread_cpu']:.2f}x "
-          f"(above 1: the same computation ran slower - the machine; the rest is other threads)")
+          f"(above 1: the same computation took more CPU beside the workers' other activity; the rest is other threads)")
     print(f"K in one process / one student: {ratio('in_process', 'one')}")
     machine = results["floor_k"]["step_time"] / results["floor_one"]["step_time"]
     print(f"machine floor, K bare processes / one: {ratio('floor_k', 'floor_one')}; "
