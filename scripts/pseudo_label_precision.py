@@ -47,7 +47,7 @@ def main() -> None:
     train_set = build_dataset(cfg.data, cfg.data.train_split)
     views = SeminarViews(cfg.data.crop_size, cfg.data.scale_range, cfg.data.click_radius,
                          [s.augment for s in cfg.students], seed=cfg.optim.seed)
-    batches = StepBatches(train_set, views, [0], cfg.optim.batch_size, 0, 1, cfg.optim.seed, meta["step"],
+    batches = StepBatches(train_set, views, [0], cfg.optim.batch_size, 0, 0, 1, cfg.optim.seed, meta["step"],
                           meta["step"] + args.batches)
     settings = [(tau, 0.0) for tau in (0.5, 0.7, 0.8, 0.9, 0.95)] + [(1.0, f) for f in (0.1, 0.2, 0.3, 0.5)] \
         + [(0.9, f) for f in (0.1, 0.2)]

@@ -58,6 +58,10 @@ class DataConfig(Strict):
         "(None = every component)")
     simulate_background: bool = Field(True, description="VOC: add simulated background clicks (WTP has none)")
     click_seed: int = 0
+    clicked_images: int | float | None = Field(
+        None, description="keep the clicks of only this many training images (a count >= 1, or a fraction in "
+        "(0, 1]), drawn with click_seed (a smaller count's images are among a larger one's); the others train as "
+        "unclicked images. None = every image keeps its clicks. For label-efficiency studies")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @field_validator("scale_range")
@@ -66,6 +70,13 @@ class DataConfig(Strict):
         lo, hi = v
         if not 0 < lo <= hi <= 8:
             raise ValueError("needs 0 < min <= max <= 8")
+        return v
+
+    @field_validator("clicked_images")
+    @classmethod
+    def _clicked_images(cls, v):
+        if isinstance(v, bool) or (isinstance(v, int) and v < 1) or (isinstance(v, float) and not 0 < v <= 1):
+            raise ValueError("a count of images >= 1, or a fraction in (0, 1]")
         return v
 
     @field_validator("crop_size")
@@ -156,6 +167,10 @@ class MethodConfig(Strict):
     ss_norm: Literal["pixel", "image_class"] = Field(
         "pixel", description="loss_ss: each pseudo-labelled pixel weighs the same, or each (image, class) "
         "does (as loss_sup's image_class), scaled by the coverage")
+    cutmix_prob: float = Field(
+        0.0, ge=0, le=1, description="share of the unclicked images whose strong view gets a box cut from another "
+        "unclicked image of the batch (CutMix); the teacher's target and the peers' pseudo-label are mixed with "
+        "the same box (0 = off)")
     ss_start: int = Field(50, ge=0, description="step at which loss_ss starts ramping up")
     rampup_steps: int = Field(100, ge=0, description="length L of the sigmoid ramp-up")
     pseudo_from: Literal["teacher", "student"] = Field(
@@ -170,7 +185,11 @@ class OptimConfig(Strict):
     lr: float = Field(2e-3, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0, le=1)
-    batch_size: int = Field(8, ge=1, le=1024, description="per student, split over its replicas")
+    batch_size: int = Field(8, ge=1, le=1024, description="clicked images per step and student, split over its "
+                            "replicas")
+    unlabelled_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="unclicked images per step beside them (None = batch_size), drawn from "
+        "their own stream when the training set has unclicked images and w_ts or w_ss uses them")
     steps: int = Field(300, ge=1)
     poly_power: float = Field(0.9, ge=0)
     seed: int = 0
@@ -360,6 +379,8 @@ class TrainConfig(Strict):
             raise ValueError("method.w_ss > 0 needs at least 2 students (peers to exchange pseudo-labels with)")
         if self.optim.batch_size % self.resources.replicas_per_student:
             raise ValueError("optim.batch_size must be divisible by resources.replicas_per_student")
+        if (self.optim.unlabelled_batch_size or 0) % self.resources.replicas_per_student:
+            raise ValueError("optim.unlabelled_batch_size must be divisible by resources.replicas_per_student")
         return self
 
     @property

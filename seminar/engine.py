@@ -14,6 +14,7 @@ store. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -34,7 +35,7 @@ from .data.base import IGNORE_INDEX
 from .data.inspect import ClickPurity
 from .data.transforms import SeminarViews
 from .exchange import CompactPrediction, Exchange
-from .method import EmaTeacher, fuse_pseudo_labels, student_losses
+from .method import CutMix, EmaTeacher, cutmix_boxes, fuse_pseudo_labels, student_losses
 from .metrics import ENSEMBLE_MIOU, SERVED_IOU, SERVED_MIOU, ConfusionMatrix, student_key, val_miou_key
 from .models import Ensemble, build_model
 
@@ -121,8 +122,9 @@ class StudentTask:
         return saved["teacher_probs"].to(self.ctx.device) if "teacher_probs" in saved else None
 
     def train_step(self, step: int, batch: dict[str, torch.Tensor], position: int,
-                   teacher_probs: torch.Tensor | None) -> dict[str, float]:
-        """One step on the student's strong view of `batch`; its losses and instruments."""
+                   teacher_probs: torch.Tensor | None, mix: CutMix | None = None) -> dict[str, float]:
+        """One step on the student's strong view of `batch` (CutMixed by `mix`, its targets
+        with it); its losses and instruments."""
         pseudo_label, wait = None, 0.0
         if self.exchange is not None:  # the peers' predictions for this batch
             t_wait = time.perf_counter()
@@ -130,12 +132,17 @@ class StudentTask:
             wait = time.perf_counter() - t_wait
             pseudo_label, _ = fuse_pseudo_labels(peers, self.cfg.method, self.num_classes,
                                                  batch["click_map"], batch["valid"])
+        shares = teacher_shares(teacher_probs, batch) if teacher_probs is not None else {}
+        image = batch["image_strong"][:, position]
+        if mix is not None:
+            image, teacher_probs, pseudo_label = (mix(x) for x in (image, teacher_probs, pseudo_label))
+            batch = {**batch, **{key: mix(batch[key]) for key in ("click_map", "valid", "mask", "image_rgb")}}
         # Dropout's randomness is keyed by (student, replica, step), so a run gives the same
         # numbers in one process, on a cluster, and after a resume.
         torch.manual_seed(hash((self.cfg.optim.seed, self.k, self.ctx.replica, step)) % 2**63)
         self.model.train()
         with self.ctx.autocast():
-            logits = self.model(batch["image_strong"][:, position]).float()
+            logits = self.model(image).float()
         losses = student_losses(self.cfg.method, step, logits, batch, teacher_probs, pseudo_label)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -143,7 +150,7 @@ class StudentTask:
         self.scheduler.step()
         self.teacher.update(self.net, step)
         return {**{name: value.item() for name, value in losses.items()},
-                **instruments(batch, logits, pseudo_label), "exchange_wait": wait}
+                **instruments(batch, logits, pseudo_label), **shares, "exchange_wait": wait}
 
     def load(self, state: dict) -> None:
         """A checkpoint's state of this student (`checkpoint.read_student`)."""
@@ -153,37 +160,60 @@ class StudentTask:
         self.scheduler.load_state_dict(state["optimizer"]["scheduler"])
 
 
-class StepBatches(torch.utils.data.Dataset):
-    """Item i is this replica's share of the batch for step `start + i`.
+def stream_batch(pool: np.ndarray, batch_size: int, step: int, seed: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Batch `step` of an endless stream over `pool` (image indices): the stream is one
+    seeded permutation of the pool per epoch, end to end, cut into batches of `batch_size`
+    (a pool smaller than a batch spans epochs). Returns (epoch, index) per item."""
+    position = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = position // len(pool)
+    indices = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        order = pool[np.random.default_rng([*seed, int(epoch)]).permutation(len(pool))]
+        here = epochs == epoch
+        indices[here] = order[position[here] % len(pool)]
+    return epochs, indices
 
-    Every worker computes the same per-epoch permutation from the seed, so all students
-    see the same samples in the same order with the same geometry; replica r takes the
-    r-th slice of each batch. Resuming at a step needs nothing but the step.
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item i is this replica's share of the batch for step `start + i`: `batch_size` clicked
+    images from one stream, then `unlabelled_batch_size` unclicked ones from another (none
+    when there are none, or when no term would use them); `labelled` tells them apart.
+
+    Every worker computes the same streams from the seed, so all students see the same
+    samples in the same order with the same geometry; replica r takes the r-th slice of
+    each stream's batch. Resuming at a step needs nothing but the step.
     """
 
-    def __init__(self, dataset, views: SeminarViews, students: list[int], batch_size: int,
+    def __init__(self, dataset, views: SeminarViews, students: list[int], batch_size: int, unlabelled_batch_size: int,
                  replica: int, num_replicas: int, seed: int, start: int, stop: int):
         self.dataset, self.views, self.students = dataset, views, students
-        self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
-        self.per_replica = batch_size // num_replicas
-        self.offset = replica * self.per_replica
-        self.steps_per_epoch = len(dataset) // batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set has {len(dataset)} images, fewer than optim.batch_size={batch_size}")
+        self.seed, self.start, self.stop = seed, start, stop
+        self.labelled, self.unlabelled = np.flatnonzero(dataset.clicked), np.flatnonzero(~dataset.clicked)
+        if len(self.labelled) == 0:
+            raise ValueError(f"none of the {len(dataset)} training images has clicks")
+        self.sizes = (batch_size, unlabelled_batch_size if len(self.unlabelled) else 0)
+        self.replica, self.num_replicas = replica, num_replicas
 
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def indices(self, step: int) -> tuple[int, np.ndarray]:
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-        batch = order[pos * self.batch_size:(pos + 1) * self.batch_size]
-        return epoch, batch[self.offset:self.offset + self.per_replica]
+    def indices(self, step: int) -> list[tuple[int, int, bool]]:
+        """This replica's (epoch, image index, labelled) for every item of the step's batch."""
+        items = []
+        for stream, (pool, size) in enumerate(zip((self.labelled, self.unlabelled), self.sizes)):
+            if size == 0:
+                continue
+            epochs, indices = stream_batch(pool, size, step, [self.seed, stream])
+            share = slice(self.replica * size // self.num_replicas, (self.replica + 1) * size // self.num_replicas)
+            items += [(int(e), int(j), stream == 0) for e, j in zip(epochs[share], indices[share])]
+        return items
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        epoch, indices = self.indices(self.start + i)
-        items = [self.views(self.dataset[int(j)], epoch, int(j), self.students) for j in indices]
-        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+        items = [(self.views(self.dataset[j], epoch, j, self.students), labelled)
+                 for epoch, j, labelled in self.indices(self.start + i)]
+        batch = {key: torch.stack([it[key] for it, _ in items]) for key in items[0][0]}
+        batch["labelled"] = torch.tensor([labelled for _, labelled in items])
+        return batch
 
 
 def iterate_batches(dataset: StepBatches, workers: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -298,9 +328,13 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
     # A resumed run takes its first batch's teacher predictions from the checkpoint (made
     # before its last EMA update, as an uninterrupted run would have them), so every number
     # (data, augmentation, dropout, pseudo-labels, weights) continues exactly.
-    batches = iter(iterate_batches(
-        StepBatches(train_set, views, ctx.students, optim.batch_size, ctx.replica, ctx.num_replicas,
-                    optim.seed, start, optim.steps), cfg.resources.loader_workers))
+    # Unclicked images are drawn only where a term learns from them.
+    unlabelled_batch_size = 0
+    if cfg.method.w_ts > 0 or cfg.method.w_ss > 0:
+        unlabelled_batch_size = optim.unlabelled_batch_size or optim.batch_size
+    step_batches = StepBatches(train_set, views, ctx.students, optim.batch_size, unlabelled_batch_size,
+                               ctx.replica, ctx.num_replicas, optim.seed, start, optim.steps)
+    batches = iter(iterate_batches(step_batches, cfg.resources.loader_workers))
     batch = _to_device(next(batches), ctx.device)
     if len(saved_look_ahead) == len(tasks):
         teacher_probs = {k: task.restore_look_ahead(start, saved_look_ahead[k]) for k, task in tasks.items()}
@@ -310,7 +344,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
     # Click purity of the batches as trained on (crops, flips, scale), where the training
     # images have masks: in every report, so the log says how clean the supervision is.
     purity = ClickPurity(cfg.data.click_radius)
-    per_replica = optim.batch_size // ctx.num_replicas
+    per_replica = sum(step_batches.sizes) // ctx.num_replicas
 
     def train_step(step: int) -> dict[str, float]:
         nonlocal batch, teacher_probs
@@ -319,9 +353,10 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
         if step + 1 < optim.steps:  # 1. look ahead: the teachers predict the next batch
             next_batch = _to_device(next(batches), ctx.device)
             next_teacher_probs = {k: task.look_ahead(step + 1, next_batch["image_weak"]) for k, task in tasks.items()}
-        metrics = {}
+        metrics = click_shares(batch, info.num_classes)
+        mix = cutmix_plan(cfg, step, ctx.replica, batch["labelled"], batch["click_map"].shape)
         for position, (k, task) in enumerate(tasks.items()):  # 2-3. the peers' labels, a step
-            for name, value in task.train_step(step, batch, position, teacher_probs[k]).items():
+            for name, value in task.train_step(step, batch, position, teacher_probs[k], mix).items():
                 metrics[student_key(k, name)] = value
         add_click_purity(purity, batch)
         step_time = time.perf_counter() - t0
@@ -340,7 +375,8 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
 
     def on_report(metrics: dict[str, float], due: Due) -> None:
         nonlocal purity
-        metrics["epoch"] = metrics["step"] * optim.batch_size / len(train_set)
+        metrics["epoch"] = metrics["step"] * optim.batch_size / len(step_batches.labelled)  # of the clicked images
+        warn_collapse(cfg, metrics, info.classes, tasks)
         if purity.drawn:
             metrics.update({"data/click_purity": purity.overall,
                             **{f"data/click_purity/{c}": v for c, v in purity.per_class().items()}})
@@ -359,6 +395,64 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
             shutil.rmtree(directory, ignore_errors=True)
 
     return run_schedule(cfg.schedule, optim.steps, start, train_step, on_report)
+
+
+def cutmix_plan(cfg: TrainConfig, step: int, replica: int, labelled: torch.Tensor,
+                shape: torch.Size) -> CutMix | None:
+    """This step's CutMix between the unclicked images of the batch (each takes its box from
+    the next one), drawn from (seed, step, replica): the same for every student, in one
+    process or on a cluster, and after a resume. None when off or with fewer than two."""
+    unlabelled = torch.nonzero(~labelled.cpu()).flatten()
+    if cfg.method.cutmix_prob == 0 or len(unlabelled) < 2:
+        return None
+    rng = np.random.default_rng([cfg.optim.seed, step, replica, 0xC0])
+    box = torch.zeros(tuple(shape), dtype=torch.bool)
+    box[unlabelled] = torch.from_numpy(cutmix_boxes(rng, len(unlabelled), shape[1], shape[2], cfg.method.cutmix_prob))
+    partner = torch.arange(shape[0])
+    partner[unlabelled] = unlabelled.roll(-1)
+    return CutMix(box.to(labelled.device), partner)
+
+
+# A teacher that gives one class this share of the unclicked pixels is collapsing (CamVid's
+# largest class, road, holds 32% of the pixels; VOC's background about 70%).
+COLLAPSE_SHARE = 0.8
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def click_shares(batch: dict[str, torch.Tensor], num_classes: int) -> dict[str, float]:
+    """`data/click_share/<c>`: each class's share of the batch's clicked pixels."""
+    clicks = batch["click_map"][batch["click_map"] != IGNORE_INDEX]
+    counts = torch.bincount(clicks.cpu(), minlength=num_classes)[:num_classes].float()
+    return {f"data/click_share/{c}": v for c, v in enumerate((counts / counts.sum().clamp(min=1)).tolist())}
+
+
+@torch.no_grad()
+def teacher_shares(teacher_probs: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`teacher_share/<c>`: each class's share of the teacher's labels on the unclicked valid
+    pixels of the unclicked images (of every image when the batch has none)."""
+    images = ~batch["labelled"] if not batch["labelled"].all() else batch["labelled"]
+    pixels = (batch["click_map"] == IGNORE_INDEX) & batch["valid"] & images.view(-1, 1, 1)
+    num_classes = teacher_probs.shape[1]
+    counts = torch.bincount(teacher_probs.argmax(1)[pixels].cpu(), minlength=num_classes).float()
+    return {f"teacher_share/{c}": v for c, v in enumerate((counts / counts.sum().clamp(min=1)).tolist())}
+
+
+def warn_collapse(cfg: TrainConfig, metrics: dict[str, float], classes: tuple[str, ...],
+                  tasks: dict[int, "StudentTask"]) -> None:
+    """Warn when a teacher's labels on the unclicked pixels have gone to one class, once the
+    teacher has warmed up and the terms have ramped up (a new network's labels often are one
+    class for a few steps)."""
+    if metrics["step"] < max(cfg.method.ema_warmup_steps, cfg.method.rampup_steps):
+        return
+    for k in tasks:
+        shares = [metrics.get(student_key(k, f"teacher_share/{c}"), 0.0) for c in range(len(classes))]
+        top = int(np.argmax(shares))
+        if shares[top] >= COLLAPSE_SHARE:
+            clicked = metrics.get(f"data/click_share/{top}", float("nan"))
+            log.warning(f"step {int(metrics['step'])}: student {k}'s teacher labels {shares[top]:.0%} of the unclicked "
+                        f"pixels {classes[top]} (clicks: {clicked:.0%} {classes[top]}): its pseudo-labels are "
+                        f"collapsing to one class")
 
 
 def add_click_purity(purity: ClickPurity, batch: dict[str, torch.Tensor]) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,6 +115,38 @@ def fuse_pseudo_labels(peers: list[CompactPrediction], cfg: MethodConfig, num_cl
     return pseudo, fused_conf
 
 
+@dataclass(frozen=True)
+class CutMix:
+    """Boxes pasted between the images of a batch: image i takes `partner[i]`'s pixels inside
+    `box[i]`. Called on the student's input and on every target alike, so each pixel's target
+    comes from the image its pixel came from."""
+
+    box: torch.Tensor  # bool [B, H, W]
+    partner: torch.Tensor  # int64 [B]
+
+    def __call__(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        box = self.box.to(x.device).view(x.shape[0], *[1] * (x.dim() - 3), *self.box.shape[1:])
+        return torch.where(box, x[self.partner.to(x.device)], x)
+
+
+def cutmix_boxes(rng: np.random.Generator, count: int, height: int, width: int, prob: float) -> np.ndarray:
+    """`count` CutMix boxes as bool [count, H, W] masks, UniMatch's: with probability `prob` a
+    box of 2-40% of the image's area and aspect ratio 0.3-3.3 at a uniform place, else none.
+    Every number is drawn for every image, so one image's outcome does not shift the others'."""
+    boxes = np.zeros((count, height, width), bool)
+    for i in range(count):
+        use, area, ratio, top, left = rng.random(), rng.uniform(0.02, 0.4), rng.uniform(0.3, 1 / 0.3), rng.random(), rng.random()
+        if use >= prob:
+            continue
+        h = min(height, max(1, round(math.sqrt(area * height * width * ratio))))
+        w = min(width, max(1, round(math.sqrt(area * height * width / ratio))))
+        y, x = int(top * (height - h + 1)), int(left * (width - w + 1))
+        boxes[i, y:y + h, x:x + w] = True
+    return boxes
+
+
 def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, per_image_class: bool = False) -> torch.Tensor:
     """Cross-entropy over the labelled pixels only; 0 (with a graph) when there are none.
 
@@ -195,7 +229,10 @@ def student_losses(cfg: MethodConfig, step: int, logits: torch.Tensor, batch: di
     """All losses of one student for one step; `loss` is the weighted total to minimise."""
     click_map, valid = batch["click_map"], batch["valid"]
     unclicked = (click_map == IGNORE_INDEX) & valid
-    target = batch["mask"] if cfg.supervision == "dense" else click_map
+    target = click_map
+    if cfg.supervision == "dense":  # the masks of the clicked images (an unclicked image's is not a label)
+        labelled = batch.get("labelled", torch.ones(len(click_map), dtype=torch.bool)).to(click_map.device)
+        target = torch.where(labelled.view(-1, 1, 1), batch["mask"], IGNORE_INDEX)
     loss_sup = partial_cross_entropy(logits, target, per_image_class=cfg.sup_norm == "image_class")
     zero = logits.new_zeros(())
 

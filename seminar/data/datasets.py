@@ -192,10 +192,15 @@ def rescale(sample: Sample, scale: float) -> Sample:
 
 class SegmentationDataset(Dataset):
     """`load(i)` reads sample i at its original size; `__getitem__` applies load_scale
-    (`at_scale`, which callers holding an original already use instead of decoding again)."""
+    (`at_scale`, which callers holding an original already use instead of decoding again)
+    and leaves out the clicks of unclicked images.
+
+    `clicked[i]` says whether image i has clicks to train on (known without reading it):
+    training draws clicked and unclicked images from two streams."""
 
     info: DatasetInfo
     image_ids: list[str]
+    clicked: np.ndarray  # bool per image
     load_scale: float = 1.0
     click_fit: ClickFit  # stray clicks clipped onto / dropped from their image at construction
 
@@ -203,7 +208,8 @@ class SegmentationDataset(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, i: int) -> Sample:
-        return self.at_scale(i, self.load(i))
+        sample = self.at_scale(i, self.load(i))
+        return sample if self.clicked[i] else replace(sample, clicks=np.zeros((0, 3), np.float32))
 
     def load(self, i: int) -> Sample:
         raise NotImplementedError
@@ -318,6 +324,7 @@ class SyntheticDataset(SegmentationDataset):
         self.seed, self.click_seed, self.min_area = syn.seed, cfg.click_seed, cfg.simulated_min_area
         self.click_radius, self.clicks_per_class = cfg.click_radius, cfg.simulated_clicks_per_class
         self.image_ids = [f"{role}_{i:05d}" for i in range(count)][:limit]
+        self.clicked = np.ones(len(self.image_ids), bool)  # simulated: every image
         self.load_scale = cfg.load_scale
         self.click_fit = ClickFit()
         classes = ("background", *(f"{SHAPES[(c - 1) % len(SHAPES)]}_{c}" for c in range(1, self.num_classes)))
@@ -371,6 +378,10 @@ class VOCDataset(SegmentationDataset):
             if self.simulate_background:
                 sources.append("simulated_bg_from_gt")
             source = "+".join(sources)
+        # images with clicks of their own (simulated ones: those with a mask); simulated
+        # background clicks alone do not make an image clicked
+        self.clicked = np.array([p is not None if self.simulate_all else len(self.clicks[i]) > 0
+                                 for i, p in zip(self.image_ids, self.mask_paths)], bool)
         self.info = DatasetInfo("voc", VOC_CLASSES, voc_palette(self.num_classes), source)
 
     @staticmethod
@@ -458,6 +469,7 @@ class CamVidDataset(SegmentationDataset):
             clicks, file_sources = _load_click_tables(cfg, len(CAMVID_CLASSES), known)
             self.file_clicks, self.click_fit = _fit_all(clicks, self.image_ids, sizes)
             sources += [s for s in file_sources if s not in sources]
+        self.clicked = np.array([self.simulate or len(self.file_clicks.get(i, ())) > 0 for i in self.image_ids], bool)
         self.info = DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE, "+".join(sources))
         if len(self.image_ids) <= CHECK_LIMIT:
             for image_id, mask_path in zip(self.image_ids, self.mask_paths):
@@ -530,6 +542,7 @@ class FolderDataset(SegmentationDataset):
                     self._read_mask(path, sizes[image_id])
         clicks, sources = _load_click_tables(cfg, self.num_classes, set(by_id))
         self.clicks, self.click_fit = _fit_all(clicks, self.image_ids, sizes)
+        self.clicked = np.array([len(self.clicks[i]) > 0 for i in self.image_ids], bool)  # the rest: unclicked
         self.info = DatasetInfo("folder", tuple(cfg.classes), voc_palette(self.num_classes), "+".join(sources) or "user")
 
     def _read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -560,6 +573,24 @@ def build_dataset(cfg: DataConfig, split: str) -> SegmentationDataset:
     else:
         raise ValueError(f"unknown split '{split}': expected 'train' or 'val' ({cfg.train_split}/{cfg.val_split})")
     if cfg.dataset == "synthetic":
-        return SyntheticDataset(cfg, role, limit)
-    datasets = {"voc": VOCDataset, "camvid": CamVidDataset, "folder": FolderDataset}
-    return datasets[cfg.dataset](cfg, name, limit)
+        dataset = SyntheticDataset(cfg, role, limit)
+    else:
+        datasets = {"voc": VOCDataset, "camvid": CamVidDataset, "folder": FolderDataset}
+        dataset = datasets[cfg.dataset](cfg, name, limit)
+    if role == "train" and cfg.clicked_images is not None:
+        keep_clicked_subset(dataset, cfg.clicked_images, cfg.click_seed)
+    return dataset
+
+
+def keep_clicked_subset(dataset: SegmentationDataset, clicked_images: int | float, seed: int) -> None:
+    """Keep the clicks of `clicked_images` (a count, or a fraction) of the clicked images,
+    drawn with `seed`: the first ones of one seeded order, so a smaller subset lies inside a
+    larger one. The others become unclicked images."""
+    clicked = np.flatnonzero(dataset.clicked)
+    count = clicked_images if isinstance(clicked_images, int) else max(1, round(clicked_images * len(clicked)))
+    if count > len(clicked):
+        raise DatasetError(f"data.clicked_images: {count} asked for, but only {len(clicked)} of the "
+                           f"{len(dataset)} training images have clicks")
+    order = np.random.default_rng([seed, 0x5EED]).permutation(clicked)
+    dataset.clicked = np.zeros(len(dataset), bool)
+    dataset.clicked[order[:count]] = True
