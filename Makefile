@@ -22,8 +22,20 @@ train: setup
 system-deps:
 	bash scripts/system-deps.sh
 
+# Tiers (tests/conftest.py): a test that uses Ray, Serve, Chromium or a subprocess server is
+# marked slow by the fixtures it uses. `make test-fast` runs the rest (a few minutes on 2 cores;
+# what a change is checked with); `make test` runs the fast tier, then the slow one, both to
+# the end, and fails if either failed. pytest-timeout (pyproject.toml) turns a hang into a
+# named failure. PYTEST_ARGS passes more: `make test PYTEST_ARGS=--reversed`, or
+# `PYTEST_ARGS="-p random_order --random-order"`.
+PYTEST_ARGS ?=
+PYTEST := OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} $(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
+
 test: setup system-deps
-	$(PY) -m pytest -q -ra
+	@fast=0; $(PYTEST) -m "not slow" || fast=$$?; \
+	slow=0; $(PYTEST) -m slow || slow=$$?; \
+	echo "make test: fast tier exit $$fast, slow tier exit $$slow"; \
+	[ $$fast -eq 0 ] && [ $$slow -eq 0 ]
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"

@@ -21,6 +21,10 @@ Measured (2 cores, beside a CamVid training run using both; 3 rounds each, longe
   + a crowded body may not pause > 0.25 s, router 0.5 s   3.5 s (2.3-5.1)
   + router max_backoff_s 0.05 (the app's setting)     1.8 s (1.7-1.9)
 every round: 8 slow clients 408, 92 503.
+
+Target (held by tests/test_serving.py as an 8 s bound until issue 24; the test now asserts
+only that every request is answered): the longest normal wait with the app's router setting
+<= BODY_TIMEOUT_S + 5 s, printed as met or MISSED.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from serve import free_port, make_checkpoint, test_image  # noqa: E402
 
 BODY_TIMEOUT_S = 3.0
+WAIT_TARGET_S = BODY_TIMEOUT_S + 5  # longest normal wait beside the flood
 
 
 def flood(port: int, prefix: str, slow: int, body: bytes) -> tuple[float, collections.Counter]:
@@ -122,7 +127,9 @@ def main() -> None:
     print(f"\n{args.slow} slow clients, {args.rounds} rounds: longest normal wait, median (min-max)")
     for backoff, rounds in results.items():
         waits = [w for w, _ in rounds]
-        print(f"  max_backoff_s {backoff:<5g} {statistics.median(waits):5.1f} s ({min(waits):.1f}-{max(waits):.1f})")
+        verdict = "met" if max(waits) <= WAIT_TARGET_S else "MISSED"
+        print(f"  max_backoff_s {backoff:<5g} {statistics.median(waits):5.1f} s ({min(waits):.1f}-{max(waits):.1f})"
+              f"  target: longest <= {WAIT_TARGET_S:g} s: {verdict}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -129,6 +129,65 @@ class Inferred:
     forward_s: float  # that forward's duration
 
 
+class UploadAdmission:
+    """How long a request body may take to arrive, in one replica.
+
+    A body still arriving holds a replica slot: the first max_slow_uploads in flight get
+    body_timeout_s (then 408); while that many are in flight, a new one must arrive within
+    SLOW_UPLOAD_S without pausing for more than CROWDED_STALL_S, or is told to come back (503),
+    so senders that never finish cannot hold every slot in turn, while fast uploads, however
+    many, arrive well within it. A crowd keeps that rule on until body_timeout_s after it was
+    last seen (or one of its bodies was refused): Serve's router lets a flood of slow senders in
+    a few at a time, and they must not earn a second round of full timeouts when the first ends.
+
+    `clock` (time.monotonic by default) is injectable, so that the rule is tested with a fake one.
+    """
+
+    def __init__(self, max_slow_uploads: int, body_timeout_s: float, retry_after_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_slow_uploads = max_slow_uploads
+        self.body_timeout_s = body_timeout_s
+        self.retry_after_s = retry_after_s
+        self.clock = clock
+        self.uploads = 0  # request bodies being received
+        self.crowded_until = float("-inf")  # clock() until which new bodies get only SLOW_UPLOAD_S
+
+    def admit(self) -> tuple[float, float | None, bool]:
+        """A body starts arriving: (its timeout, its longest pause or None, crowded). The caller
+        calls `done` when it has arrived or failed."""
+        now = self.clock()
+        if self.uploads >= self.max_slow_uploads:
+            self.crowded_until = now + self.body_timeout_s
+        crowded = now < self.crowded_until
+        self.uploads += 1
+        if crowded:
+            return min(SLOW_UPLOAD_S, self.body_timeout_s), CROWDED_STALL_S, True
+        return self.body_timeout_s, None, False
+
+    def timed_out(self, crowded: bool) -> InputError | None:
+        """A body did not arrive in time: the answer to give instead of the 408 (a 503 for a
+        crowded one, whose flood goes on), or None."""
+        if not crowded:
+            return None
+        self.crowded_until = self.clock() + self.body_timeout_s  # the flood goes on
+        return InputError(503, "busy", f"{self.uploads - 1} other uploads in progress; retry", self.retry_after_s)
+
+    def done(self) -> None:
+        self.uploads -= 1
+
+    async def receive(self, request: Request, max_bytes: int, json_body: bool = False) -> bytes:
+        timeout_s, stall_s, crowded = self.admit()
+        try:
+            return await read_upload(request, max_bytes, timeout_s, json_body, stall_s=stall_s)
+        except InputError as error:
+            busy = self.timed_out(crowded) if error.error == "body_timeout" else None
+            if busy is not None:
+                raise busy from None
+            raise
+        finally:
+            self.done()
+
+
 class SegmentationService:
     """What one replica holds: the model, the batch queue, the metrics."""
 
@@ -150,8 +209,7 @@ class SegmentationService:
         self.budget = PixelBudget(cfg.max_batch_size, cfg.batch_pixel_budget)
         self.infer.set_max_batch_size(cfg.max_batch_size)
         self.in_flight = 0  # segment requests in this replica, from body read to answer
-        self.uploads = 0  # request bodies being received
-        self.crowded_until = 0.0  # time.monotonic() until which new bodies get only SLOW_UPLOAD_S
+        self.admission = UploadAdmission(cfg.max_slow_uploads, cfg.body_timeout_s, cfg.retry_after_s)
         self.forward_idle = asyncio.Event()  # set while no batched forward runs
         self.forward_idle.set()
         self.metrics = ServingMetrics(self.version, self.segmenter.which)
@@ -229,32 +287,8 @@ class SegmentationService:
         return Response(body, media_type="image/png", headers=headers)
 
     async def receive(self, request: Request, max_bytes: int, json_body: bool = False) -> bytes:
-        """The request's body. A body still arriving holds a replica slot: the first
-        max_slow_uploads in flight get body_timeout_s (then 408); while that many are in flight,
-        a new one must arrive within SLOW_UPLOAD_S without pausing for more than CROWDED_STALL_S,
-        or is told to come back (503), so senders that never finish cannot hold every slot in
-        turn, while fast uploads, however many, arrive well within it. A crowd keeps that rule on
-        until body_timeout_s after it was last seen (or one of its bodies was refused): Serve's
-        router lets a flood of slow senders in a few at a time, and they must not earn a second
-        round of full timeouts when the first ends."""
-        now = time.monotonic()
-        if self.uploads >= self.cfg.max_slow_uploads:
-            self.crowded_until = now + self.cfg.body_timeout_s
-        crowded = now < self.crowded_until
-        self.uploads += 1
-        try:
-            if crowded:
-                return await read_upload(request, max_bytes, min(SLOW_UPLOAD_S, self.cfg.body_timeout_s),
-                                         json_body, stall_s=CROWDED_STALL_S)
-            return await read_upload(request, max_bytes, self.cfg.body_timeout_s, json_body)
-        except InputError as error:
-            if crowded and error.error == "body_timeout":
-                self.crowded_until = time.monotonic() + self.cfg.body_timeout_s  # the flood goes on
-                raise InputError(503, "busy", f"{self.uploads - 1} other uploads in progress; retry",
-                                 self.cfg.retry_after_s) from None
-            raise
-        finally:
-            self.uploads -= 1
+        """The request's body, read under the upload-admission rule (`UploadAdmission`)."""
+        return await self.admission.receive(request, max_bytes, json_body)
 
     async def segment(self, data: bytes, fmt: OutputFormat, alpha: float | None) -> Response:
         self.in_flight += 1

@@ -250,9 +250,9 @@ def test_a_cluster_that_refuses_the_driver_is_one_line_naming_the_token(tmp_path
 
 
 def test_evaluate_from_s3_that_stopped_answering_is_one_line(s3_server, s3_bucket, tmp_path, monkeypatch):
-    """moto under SIGSTOP: the S3 requests time out and `seminar evaluate` says so, exit 2."""
+    """moto under SIGSTOP: the S3 requests time out and `seminar evaluate` says so, exit 2 (how
+    long that takes is bench/fail_fast.py's figure; a hang is pytest-timeout's failure)."""
     import signal
-    import time
 
     from seminar import storage
     from seminar.config import load_spec
@@ -266,9 +266,7 @@ def test_evaluate_from_s3_that_stopped_answering_is_one_line(s3_server, s3_bucke
     server = s3_server.process
     os.kill(server.pid, signal.SIGSTOP)
     try:
-        start = time.perf_counter()
         result = runner.invoke(app, ["evaluate", uri])
-        elapsed = time.perf_counter() - start
     finally:
         os.kill(server.pid, signal.SIGCONT)
-    assert not problem(result, [uri]) and elapsed < 60, (elapsed, result.output)
+    assert not problem(result, [uri]), result.output

@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -381,31 +382,85 @@ def test_unauthorised_cluster_is_one_line(ray_cluster, tmp_path):
 # ------------------------------------------------------------------------------- the sweep
 
 
-def test_sweep_on_a_cluster_too_small_for_one_trial_fails_at_once(ray_session, tmp_path):
+def test_sweep_on_a_cluster_too_small_for_one_trial_fails_at_once(ray_session, tmp_path, monkeypatch):
     """The test cluster has 8 CPUs; a trial of 2 workers with 5 CPUs each cannot be placed:
     `seminar tune` says so, naming the demand, instead of waiting for ever."""
     spec = write_spec(tmp_path / "sweep.yaml", resources={"cpus_per_worker": 5},
                       storage={"path": str(tmp_path / "runs")},
                       sweep={"params": {"optim.lr": {"grid": [1e-3, 1e-2]}}})
-    t0 = time.perf_counter()
+    import ray.tune
+
+    def no_tuner(*args, **kwargs):
+        raise AssertionError("a Tuner was built: the refusal should have come before any trial")
+
+    monkeypatch.setattr(ray.tune, "Tuner", no_tuner)  # at once: before any trial is started
     result = runner.invoke(app, ["tune", str(spec)])
-    assert result.exit_code == 1 and time.perf_counter() - t0 < 30, result.output
+    assert result.exit_code == 1, result.output
     error = one_line_error(result)
     assert "needs 2 workers" in error and "CPU=5 each" in error and "can host only 1" in error, error
     assert not (tmp_path / "runs").exists()
 
 
+# A scripted trial: fixed scores per learning rate, one per evaluation, reported as the real
+# trial reports them (every student's metrics, the checkpoint path), without training.
+SCRIPTED_SCORES = {1e-3: [0.50, 0.55], 2e-3: [0.60, 0.70], 3e-3: [0.10, 0.90], 4e-3: [0.20, 0.95]}
+
+
+def scripted_trial(config: dict, base_spec: dict, runs_path: str) -> None:
+    from ray import tune
+
+    lr = config["optim.lr"]
+    for i, score in enumerate(SCRIPTED_SCORES[lr]):
+        step = 8 * (i + 1)
+        tune.report({"val/miou": score, "step": step, "s0/val_miou_teacher": score, "s1/val_miou_teacher": score / 2,
+                     "s1/loss": 1.0, "checkpoint_path": f"{runs_path}/lr-{lr:g}/checkpoint_{step}"})
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Tune's trial actors cannot import this module
+
+
 @pytest.mark.slow
-def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, tmp_path, monkeypatch):
-    """4 trials of 2-worker runs: lr 3e-3 trains, lr 1e-9 does not. Grid order runs the two
-    good trials first, so ASHA (grace 1 evaluation, reduction 2) stops the two poor ones at
-    their first evaluation; the best checkpoint goes to the S3 registry. ASHA is asynchronous:
-    the second good trial to reach its first evaluation meets a cutoff made of the other's score
-    alone, and is stopped when it scores a hair below it (the two EMA decays score within 0.001
-    here), so only one good trial - the first evaluated, which meets no cutoff - surely runs on.
-    Until the sweep says why it waits, something else holds 5 of the cluster's 8 CPUs: the
-    second trial's workers wait, and the sweep names their demand against what is free; at
-    each evaluation it prints the trials."""
+def test_sweep_asha_stops_the_trials_that_trail_at_its_rung(ray_session, tmp_path, monkeypatch):
+    """ASHA's decisions, deterministically: scripted trials (fixed scores) one at a time, in grid
+    order, grace 1 evaluation, reduction 2. At the first evaluation 0.50 meets no cut-off and
+    0.60 meets 0.50: both run on; 0.10 meets the median of (0.50, 0.60) and 0.20 that of (0.50,
+    0.60, 0.10): both stopped, although they would have scored best at the second (0.90, 0.95).
+    The best finished trial (0.70) is the sweep's best."""
+    import io
+
+    from rich.console import Console
+
+    import jobs.sweep
+    from jobs.sweep import run_sweep
+
+    monkeypatch.setattr(jobs.sweep, "train_trial", scripted_trial)
+    console = Console(file=io.StringIO(), width=200)
+    cfg = load_spec(write_spec(
+        tmp_path / "sweep.yaml",
+        optim={"batch_size": 2, "steps": 16},
+        schedule={"eval_every": 8, "checkpoint_every": 8, "log_every": 4},
+        storage={"path": str(tmp_path / "runs")},
+        sweep={"params": {"optim.lr": {"grid": list(SCRIPTED_SCORES)}}, "num_samples": 1, "grace_period": 1,
+               "reduction_factor": 2, "max_concurrent": 1}))
+    result = run_sweep(cfg, name="scripted-sweep", console=console, publish=False)
+    printed = console.file.getvalue()
+    by_lr = {t.params["optim.lr"]: t for t in result.trials}
+    assert sorted(by_lr) == sorted(SCRIPTED_SCORES) and all(t.status == "TERMINATED" for t in result.trials), printed
+    assert {lr for lr, t in by_lr.items() if t.stopped_early} == {3e-3, 4e-3}, result.trials
+    assert [by_lr[lr].evaluations for lr in sorted(by_lr)] == [2, 2, 1, 1]
+    assert [by_lr[lr].value("val/miou") for lr in sorted(by_lr)] == [0.55, 0.70, 0.10, 0.20]
+    assert result.best is by_lr[2e-3] and result.best.checkpoint.endswith("lr-0.002/checkpoint_16")
+    assert re.search(r"^trial \w+, evaluation 1/2 \(step 8\): val/miou 0\.1000; .*", printed, re.M), printed
+    assert Path(result.plot).is_file()
+
+
+@pytest.mark.slow
+def test_sweep_publishes_its_best_trial(ray_session, s3_bucket, tmp_path, monkeypatch):
+    """A real sweep, small: 2 trials of 2-worker runs (lr 3e-3 trains, lr 1e-9 does not), ASHA on.
+    Whatever ASHA decides (asynchronous: not asserted here), the sweep's best trial - the best
+    score among its trials - is the one published to the S3 registry, and it loads. Until the
+    sweep says why it waits, something else holds 5 of the cluster's 8 CPUs: the second
+    trial's workers wait, and the sweep names their demand against what is free."""
     import io
     import threading
 
@@ -417,12 +472,12 @@ def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, 
 
     monkeypatch.setattr(jobs.sweep, "PENDING_REPORT_S", 3.0)
     holder = placement_group([{"CPU": 5}])
-    ray.get(holder.ready(), timeout=60)
+    ray.get(holder.ready(), timeout=600)
     console = Console(file=io.StringIO(), width=200)
     ended = threading.Event()
 
-    def release_when_said():  # or after 3 minutes: a sweep that never says fails, not hangs
-        deadline = time.monotonic() + 180
+    def release_when_said():  # or after 10 minutes: a sweep that never says fails, not hangs
+        deadline = time.monotonic() + 600
         while "waiting " not in console.file.getvalue() and time.monotonic() < deadline and not ended.wait(0.5):
             pass
         remove_placement_group(holder)
@@ -435,31 +490,26 @@ def test_sweep_asha_stops_trials_and_publishes_the_best(ray_session, s3_bucket, 
         optim={"batch_size": 2, "steps": 16},
         schedule={"eval_every": 8, "checkpoint_every": 8, "log_every": 4},
         storage={"path": str(tmp_path / "runs")},
-        sweep={"params": {"optim.lr": {"grid": [3e-3, 1e-9]}, "method.ema_decay": {"grid": [0.9, 0.99]}},
-               "num_samples": 1, "grace_period": 1, "reduction_factor": 2, "max_concurrent": 2,
-               "registry": registry, "model_name": "tiny"}))
+        sweep={"params": {"optim.lr": {"grid": [3e-3, 1e-9]}}, "num_samples": 1, "grace_period": 1,
+               "reduction_factor": 2, "max_concurrent": 2, "registry": registry, "model_name": "tiny"}))
     try:
         result = run_sweep(cfg, name="tiny-sweep", console=console)
     finally:
         ended.set()
         releaser.join()
     printed = console.file.getvalue()
-    print(f"\nsweep of {len(result.trials)} trials: {result.wall_s:.1f} s wall\n{printed}")
-    assert "4 trials of 2 workers (CPU=1 each), 2 at once on this cluster" in printed
+    print(f"\nsweep of {len(result.trials)} trials: {result.wall_s:.1f} s wall (not a check)\n{printed}")
+    assert "2 trials of 2 workers (CPU=1 each), 2 at once on this cluster" in printed
     assert re.search(r"^waiting \d+ s for resources: 2 x \{CPU: 1\} \(running trials: \d\); "
                      r"free now: CPU [\d.]+ of 8", printed, re.M), printed
-    assert re.search(r"^trial \w+, evaluation 1/2 \(step 8\): val/miou 0\.\d+; .*running", printed, re.M), printed
 
-    assert len(result.trials) == 4 and all(t.status == "TERMINATED" for t in result.trials), result.trials
-    stopped = {t.trial_id for t in result.stopped_early}
-    poor = {t.trial_id for t in result.trials if t.params["optim.lr"] == 1e-9}
-    assert len(poor) == 2 and poor <= stopped and len(stopped) < 4, result.trials
+    assert len(result.trials) == 2 and all(t.status == "TERMINATED" for t in result.trials), result.trials
     for t in result.trials:
-        assert t.evaluations == (1 if t.trial_id in stopped else 2)
         # Every student's metrics reach Tune, not only rank 0's student - and they are its
         # own: a ResNet-18 and a MobileNetV2 do not score the same to 16 digits.
         assert {"s0/val_miou_teacher", "s1/val_miou_teacher", "s1/loss"} <= set(t.last)
         assert t.last["s0/val_miou_teacher"] != t.last["s1/val_miou_teacher"], t.last
+    assert result.best.value("val/miou") == max(t.value("val/miou") for t in result.trials)
     assert result.best.params["optim.lr"] == 3e-3 and result.best.checkpoint
     assert Path(result.plot).is_file() and Path(result.plot).parent == tmp_path / "runs" / "tiny-sweep"
 

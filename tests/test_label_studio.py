@@ -177,18 +177,20 @@ def test_hostile_label_studio_bodies_are_422s_never_crashes():
     webhook = {"action": "ANNOTATION_CREATED", "project": {"label_config": CONFIG},
                "task": {"id": 4, "data": {"image": "/data/upload/3/0a1b2c3d-street.png"}},
                "annotation": {"result": [point, point]}}
-    refused = 0
+    outcomes = {"webhook": [0, 0], "task": [0, 0], "config": [0, 0]}  # [answered, refused]
     for _ in range(2000):
         try:
             annotation_clicks(mutations(webhook, rng), CLASSES)
+            outcomes["webhook"][0] += 1
         except InputError as e:
             assert 400 <= e.status < 500 and e.detail
-            refused += 1
+            outcomes["webhook"][1] += 1
         try:
             task_image(mutations({"data": {"image": "/x.png"}}, rng), "image", "tasks.0")
+            outcomes["task"][0] += 1
         except InputError as e:
             assert e.status == 422 and "tasks.0" in e.detail
-    assert refused > 500  # the mutations do reach the checks
+            outcomes["task"][1] += 1
     xml = CONFIG.encode()
     for _ in range(500):  # configs cut, with bytes dropped or changed
         data = bytearray(xml[: rng.integers(len(xml) + 1)])
@@ -197,5 +199,11 @@ def test_hostile_label_studio_bodies_are_422s_never_crashes():
                 data[i] = int(rng.integers(256))
         try:
             labeling_config(data.decode("utf-8", "replace"), CLASSES)
+            outcomes["config"][0] += 1
         except InputError as e:
-            assert e.status == 422
+            assert e.status == 422 and e.detail
+            outcomes["config"][1] += 1
+    # the mutations reach the checks (many refused) and do not all break the input (some bodies
+    # answered; a cut config hardly ever stays valid XML)
+    assert all(refused >= 50 for _, refused in outcomes.values()), outcomes
+    assert outcomes["webhook"][0] >= 10 and outcomes["task"][0] >= 10, outcomes

@@ -26,7 +26,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import file_server, free_port, wait_for_port
+from conftest import file_server, free_port, wait_for_port, wait_serve_gone, wait_until
 from test_serving_units import encode, make_checkpoint
 
 INFER_SIZE = 64
@@ -60,8 +60,10 @@ def segmenter(registry_model):
 
     from seminar.predict import Segmenter
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the replica: same kernels, same sums
-    return Segmenter.load(str(registry_model[1]), runtime="onnx", threads=1)
+    yield Segmenter.load(str(registry_model[1]), runtime="onnx", threads=1)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,7 @@ def server(ray_session, registry_model):
     from seminar.config import ServingConfig
     from serving.app import ServeArgs, build_app
 
+    wait_serve_gone()  # one Serve per cluster: another test's instance must be gone first
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -84,6 +87,7 @@ def server(ray_session, registry_model):
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+        wait_serve_gone()
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +144,10 @@ def post_clicks(url: str, body, content_type: str = "application/json"):
 def test_correction_clicks_are_stored_for_the_next_run(committee_server, server, clicks_store):
     from seminar.data.clicks import load_clicks
 
+    def stored_rows() -> int:  # the store is the module's: other tests may have stored clicks first
+        return load_clicks(str(clicks_store)).num_rows if clicks_store.exists() else 0
+
+    before = stored_rows()
     body = {"image_id": "street_01", "width": 64, "height": 48, "clicks": [{"x": 3, "y": 4, "cls": 2},
                                                                            {"x": 63, "y": 47.0, "cls": 0}]}
     stored = post_clicks(committee_server, body)
@@ -150,7 +158,7 @@ def test_correction_clicks_are_stored_for_the_next_run(committee_server, server,
     assert [a.status_code for a in answers] == [201] * 16
     table = load_clicks(str(clicks_store))
     rows = [r for r in table.to_pylist() if r["image_id"] == "street_01"]
-    assert table.num_rows == 34 and {(r["x"], r["y"], r["cls"], r["source"]) for r in rows} == {
+    assert table.num_rows == before + 34 and {(r["x"], r["y"], r["cls"], r["source"]) for r in rows} == {
         (3.0, 4.0, 2, "user"), (63.0, 47.0, 0, "user")}
     # refused: named field, 4xx, nothing stored
     for bad, status, words in [
@@ -166,7 +174,7 @@ def test_correction_clicks_are_stored_for_the_next_run(committee_server, server,
         refused = post_clicks(committee_server, bad)
         assert refused.status_code == status and words in refused.text, (bad, refused.text)
     assert post_clicks(committee_server, body, "text/plain").status_code == 415
-    assert load_clicks(str(clicks_store)).num_rows == 34
+    assert stored_rows() == before + 34
     not_collected = post_clicks(server, body)
     assert not_collected.status_code == 404 and not_collected.json()["error"] == "clicks_not_collected"
     assert requests.get(f"{committee_server}/v1/model", timeout=30).json()["clicks"] == {"collected": True}
@@ -260,6 +268,24 @@ def test_committee_answers_say_where_to_click(committee_server):
 def post_image(server: str, data: bytes, fmt: str = "png", content_type: str = "image/png", **params):
     return requests.post(f"{server}/v1/segment", params={"format": fmt, **params}, data=data,
                          headers={"Content-Type": content_type}, timeout=60)
+
+
+RETRY_LIMIT_S = 300  # a hang guard for clients that retry after a 503, not a measurement
+
+
+def post_until_answered(post, limit_s: float = RETRY_LIMIT_S) -> tuple[requests.Response, int]:
+    """A client that retries after a 503 as its Retry-After says (the endpoint's contract under
+    overload): (the first answer that is not a 503, how many 503s came before it)."""
+    deadline = time.monotonic() + limit_s
+    busy = 0
+    while True:
+        answer = post()
+        if answer.status_code != 503:
+            return answer, busy
+        busy += 1
+        assert float(answer.headers["retry-after"]) > 0, answer.headers
+        assert time.monotonic() < deadline, f"still 503 after {limit_s} s of retries: {answer.text}"
+        time.sleep(float(answer.headers["retry-after"]))
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -417,8 +443,10 @@ def replica_rss_mb(app: str) -> float:
 
 @pytest.mark.parametrize("requests_total, clients", [(300, 16), pytest.param(2000, 32, marks=pytest.mark.slow)])
 def test_burst_with_malformed_requests_gets_no_5xx(server, requests_total, clients):
-    """10% malformed: every good one 200, every bad one 4xx; after 2,000 requests from 32
-    clients the replica's memory is within 20% of what it was before."""
+    """10% malformed: every good one 200, every bad one 4xx, none 5xx but a 503 with
+    Retry-After (retried as told: a burst may meet the slow-upload crowd rule); after 2,000
+    requests from 32 clients the replica's memory is within 20% of what it was before. (Its
+    rate is a figure of bench/serve.py.)"""
     shapes = [(64, 64), (48, 64), (64, 40), (30, 64)]  # mixed shapes: batches pad and crop
     good = [encode(synthetic_image(i, *shapes[i % len(shapes)])) for i in range(8)]
     bad = [b"", b"junk", good[0][:50]]
@@ -429,7 +457,8 @@ def test_burst_with_malformed_requests_gets_no_5xx(server, requests_total, clien
         local.session = session
         malformed = i % 10 == 0
         body = bad[i % len(bad)] if malformed else good[i % len(good)]
-        answer = session.post(f"{server}/v1/segment", data=body, headers={"Content-Type": "image/png"}, timeout=120)
+        answer, _ = post_until_answered(lambda: session.post(f"{server}/v1/segment", data=body,
+                                                             headers={"Content-Type": "image/png"}, timeout=120))
         return malformed, answer.status_code
 
     before = replica_rss_mb("seminar-test")
@@ -442,80 +471,93 @@ def test_burst_with_malformed_requests_gets_no_5xx(server, requests_total, clien
     assert not [s for s in statuses if s >= 500], f"5xx answers: {sorted(set(statuses))}"
     assert all(status == 400 for malformed, status in results if malformed)
     assert all(status == 200 for malformed, status in results if not malformed)
-    print(f"burst: {requests_total} requests in {elapsed:.1f} s ({requests_total / elapsed:.0f}/s); "
+    print(f"burst: {requests_total} requests in {elapsed:.1f} s ({requests_total / elapsed:.0f}/s, not a check); "
           f"replica {before:.0f} -> {after:.0f} MB")
     if requests_total >= 2000:
         assert after <= 1.2 * before, (before, after)
 
 
-def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
-    """100 clients announce 100 kB and send 10 bytes (more than the replica's 16 slots and 32
-    queue places together); meanwhile normal requests (retrying after a 503 as told) are
-    answered within BODY_TIMEOUT_S + 5 s, and every slow client gets 408 (its body did not
-    arrive in time) or 503 (too many uploads at once, or the queue full)."""
+def open_slow_bodies(server: str, count: int, prefix: str = "") -> list:
+    """`count` clients that announce 100 kB and send 10 bytes, then nothing."""
     import socket
     from urllib.parse import urlparse
 
     host, port = urlparse(server).hostname, urlparse(server).port
-    time.sleep(BODY_TIMEOUT_S)  # a fresh flood: an earlier test's crowd keeps the short deadline this long
-    head = (f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+    head = (f"POST {prefix}/v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
             "Content-Length: 100000\r\n\r\n").encode()
     slow = []
-    for _ in range(100):
-        conn = socket.create_connection((host, port), timeout=60)
+    for _ in range(count):
+        conn = socket.create_connection((host, port), timeout=RETRY_LIMIT_S)
         conn.sendall(head + b"\x89PNG\r\n\x1a\n\x00\x00")
         slow.append(conn)
+    return slow
+
+
+def status_of(conn) -> int | None:
+    """A raw connection's answer: its HTTP status, or None if it was closed unanswered."""
+    line = conn.makefile("rb").readline()
+    return int(line.split()[1]) if line.startswith(b"HTTP/1.1") else None
+
+
+def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
+    """100 clients announce 100 kB and send 10 bytes (more than the replica's 16 slots and 32
+    queue places together): every one of them is answered, 408 (its body did not arrive in
+    time) or 503 (too many uploads at once, or the queue full), never left hanging; meanwhile
+    normal requests, retrying after a 503 as told, are answered 200, and so is one after the
+    flood. Which slow client gets which answer is the admission rule's (tested on a fake clock
+    in test_serving_units.py); how long a normal request waits is bench/slow_clients.py's figure."""
+    slow = open_slow_bodies(server, 100)
     body = encode(synthetic_image(3))
-    waits = []
     try:
         for _ in range(10):
-            start = time.perf_counter()
-            while True:
-                answer = post_image(server, body)
-                if answer.status_code != 503:
-                    break
-                time.sleep(float(answer.headers["retry-after"]))
-            waits.append(time.perf_counter() - start)
+            answer, _ = post_until_answered(lambda: post_image(server, body))
             assert answer.status_code == 200, answer.text
-        statuses = []
-        for conn in slow:
-            line = conn.makefile("rb").readline()  # the status line, or b"" if closed unanswered
-            statuses.append(int(line.split()[1]) if line.startswith(b"HTTP/1.1") else None)
+        statuses = [status_of(conn) for conn in slow]  # each read bounded by the socket's timeout
     finally:
         for conn in slow:
             conn.close()
-    print(f"normal requests beside 100 slow bodies: max {max(waits):.1f} s, median {sorted(waits)[5]:.1f} s; "
-          f"slow clients: {collections.Counter(statuses)}")
-    assert max(waits) < BODY_TIMEOUT_S + 5, waits
-    assert set(statuses) <= {408, 503} and 408 in statuses, statuses
+    print(f"slow clients: {collections.Counter(statuses)}")
+    assert set(statuses) <= {408, 503}, collections.Counter(statuses)
+    answer, _ = post_until_answered(lambda: post_image(server, body))
+    assert answer.status_code == 200, answer.text
 
 
 def test_overload_answers_503_with_retry_after(ray_session, server, registry_model):
-    """A deployment that holds 1 request and queues 1 more refuses the rest of a burst."""
+    """A deployment that holds 1 request and queues 1 more: with both places taken (by two
+    slow uploads, which hold theirs until they are closed or body_timeout_s), the next request
+    is refused at once with 503 and Retry-After; with them gone, it is answered again. (Idle,
+    it answers 200.)"""
     from ray import serve
 
     from seminar.config import ServingConfig
     from serving.app import ServeArgs, build_app
 
     tight = ServingConfig(infer_size=INFER_SIZE, num_replicas=1, max_ongoing_requests=1, max_queued_requests=1,
-                          retry_after_s=2, torch_threads=1)
+                          retry_after_s=2, torch_threads=1, body_timeout_s=120)
     serve.run(build_app(ServeArgs(model=registry_model[0], serving=tight)), name="tight", route_prefix="/tight")
     try:
         body = encode(synthetic_image(8))
-        barrier = threading.Barrier(24)
 
-        def send(_):
-            barrier.wait()
+        def post():
             return requests.post(f"{server}/tight/v1/segment", data=body, headers={"Content-Type": "image/png"},
                                  timeout=120)
 
-        with concurrent.futures.ThreadPoolExecutor(24) as pool:
-            answers = list(pool.map(send, range(24)))
-        statuses = sorted(a.status_code for a in answers)
-        assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
-        for answer in answers:
-            if answer.status_code == 503:
-                assert answer.headers["retry-after"] == "2"
+        assert post().status_code == 200  # idle: nothing held, nothing queued
+        import select
+
+        # three slow uploads: one holds the replica's place, one the queue's, the third is refused
+        slow = open_slow_bodies(server, 3, prefix="/tight")
+        try:
+            answered, _, _ = select.select(slow, [], [], RETRY_LIMIT_S)  # the first answer: the refused one
+            assert answered and status_of(answered[0]) == 503, "no slow upload was refused"
+            # both places still taken (the two others hold them until closed): refused at once
+            refused = post()
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
+        finally:
+            for conn in slow:
+                conn.close()
+        answer, _ = post_until_answered(post)
+        assert answer.status_code == 200, answer.text
     finally:
         serve.delete("tight")
 
@@ -523,7 +565,7 @@ def test_overload_answers_503_with_retry_after(ray_session, server, registry_mod
 # ---- metrics --------------------------------------------------------------------------
 
 
-def scrape_until(url: str, ready, timeout: float = 60.0) -> str:
+def scrape_until(url: str, ready, timeout: float = 300.0) -> str:
     """Ray's exporter publishes every few seconds: poll until `ready(text)`."""
     deadline = time.time() + timeout
     text = ""
@@ -544,10 +586,12 @@ def our_families(text: str) -> dict:
     return {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("ray_seminar_serve")}
 
 
-def test_prometheus_metrics(server, ray_cluster):
+@pytest.fixture(scope="module")
+def exported_metrics(server, ray_cluster) -> str:
+    """Ray's exporter's page once it shows this module's requests: 3 answered 200, 1 refused 400."""
     for i in range(3):
-        post_image(server, encode(synthetic_image(i)))
-    post_image(server, b"junk")
+        assert post_image(server, encode(synthetic_image(i))).status_code == 200
+    assert post_image(server, b"junk").status_code == 400
 
     def complete(text: str) -> bool:
         families = our_families(text)
@@ -555,8 +599,11 @@ def test_prometheus_metrics(server, ray_cluster):
         return (requests_total is not None and "ray_seminar_serve_batch_images" in families
                 and {s.labels.get("status") for s in requests_total.samples} >= {"200", "400"})
 
-    text = scrape_until(ray_cluster.metrics_url, complete)
-    families = our_families(text)
+    return scrape_until(ray_cluster.metrics_url, complete)
+
+
+def test_prometheus_metrics(exported_metrics):
+    families = our_families(exported_metrics)
     assert families["ray_seminar_serve_requests"].type == "counter"
     answered = collections.Counter()  # summed over replicas (each sample also names its worker)
     for sample in families["ray_seminar_serve_requests"].samples:
@@ -574,9 +621,12 @@ def test_prometheus_metrics(server, ray_cluster):
     info = [s for s in families["ray_seminar_serve_model_info"].samples if s.labels["model_version"] == "shapes/1"]
     assert info and info[0].value == 1 and info[0].labels["which"] == "teacher_0"
 
+
+def test_prometheus_metrics_pass_promtool(exported_metrics):
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (Debian: apt-get install prometheus); the parse above passed")
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus; make test installs it)")
+    text = exported_metrics
     # Lint only our families, without the labels Ray's exporter adds to every series
     # (Component, NodeAddress, SessionName, Version, WorkerId: camelCase, which promtool flags).
     ray_labels = re.compile(r'\b(?:Component|NodeAddress|SessionName|Version|WorkerId)="[^"]*",?')
@@ -609,7 +659,7 @@ class DevTools:
                 return message.get("result", {})
             self.events.append(message)
 
-    def wait_event(self, method: str, timeout: float = 30) -> dict:
+    def wait_event(self, method: str, timeout: float = 120) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
             for event in self.events:
@@ -630,16 +680,25 @@ def chromium(tmp_path):
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
         pytest.skip("chromium not installed (Debian: apt-get install chromium)")
-    port = free_port()
+    profile = tmp_path / "profile"
     process = subprocess.Popen(
         [executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
          "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-proxy-server", "--window-size=1100,800",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}",
+         f"--user-data-dir={profile}", "--remote-debugging-port=0",
          "--remote-debugging-address=127.0.0.1", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port, timeout=60)
+        # port 0: Chromium binds one itself and writes it to DevToolsActivePort in its profile
+        active = profile / "DevToolsActivePort"
+
+        def port_written():
+            assert process.poll() is None, f"chromium exited with {process.returncode}"
+            lines = active.read_text().splitlines() if active.is_file() else []
+            return int(lines[0]) if lines and lines[0].isdigit() else None
+
+        port = wait_until(port_written, 120, "chromium did not write its DevTools port")
+        wait_for_port(port, timeout=120)
         yield port
     finally:
         process.kill()
@@ -650,12 +709,8 @@ def chromium(tmp_path):
 def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
     server = request.getfixturevalue(app)
     clicks_store = request.getfixturevalue("clicks_store")
-    targets = []
-    deadline = time.time() + 30
-    while not targets and time.time() < deadline:
-        targets = [t for t in requests.get(f"http://127.0.0.1:{chromium}/json/list", timeout=10).json()
-                   if t["type"] == "page"]
-        time.sleep(0.2)
+    targets = wait_until(lambda: [t for t in requests.get(f"http://127.0.0.1:{chromium}/json/list", timeout=30).json()
+                                  if t["type"] == "page"], 120, "chromium shows no page")
     page = DevTools(targets[0]["webSocketDebuggerUrl"])
     page.call("Page.enable")
     page.call("Page.navigate", url=f"{server}/")  # the trailing slash: the page's base
@@ -668,9 +723,8 @@ def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
     file_input = page.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#file")
     page.call("DOM.setFileInputFiles", nodeId=file_input["nodeId"], files=[str(picture)])
 
-    deadline = time.time() + 60
-    while page.evaluate("document.body.dataset.state || ''") not in ("done", "error") and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: page.evaluate("document.body.dataset.state || ''") in ("done", "error"), RETRY_LIMIT_S,
+               "the page did not finish segmenting")
     status = page.evaluate("document.getElementById('status').textContent")
     assert page.evaluate("document.body.dataset.state") == "done", status
     # the input and the segmentation side by side, both at the picture's own size
@@ -716,9 +770,8 @@ def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
         x, y = (box[0] + box[4]) / 2, (box[1] + box[5]) / 2
         for kind in ("mousePressed", "mouseReleased"):
             page.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-        deadline = time.time() + 30
-        while page.evaluate("document.body.dataset.clicks || ''") != "1" and time.time() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: page.evaluate("document.body.dataset.clicks || ''") == "1", RETRY_LIMIT_S,
+                   "the page did not store the click")
         status = page.evaluate("document.getElementById('status').textContent")
         assert "stored a square_2 click" in status, status
         # the paint bucket: the clicked region now shows the click's class, the legend follows
@@ -738,5 +791,9 @@ def test_web_page_segments_a_dropped_image(app, request, chromium, tmp_path):
                                       clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})["data"])
     screenshot = Path(os.environ.get("SEMINAR_SCREENSHOT_DIR", tmp_path)) / f"serving-web-page-{app}.png"
     screenshot.write_bytes(shot)
-    assert Image.open(screenshot).size[0] > 0
+    # the whole page, as laid out: its size, and the picture and the overlay in it (not blank)
+    pixels = Image.open(screenshot).convert("RGB")
+    assert pixels.size == (width, height), (pixels.size, width, height)
+    crop = pixels.crop((int(left[0]), int(left[2]), int(right[1]), int(left[2] + 100)))
+    assert len(crop.getcolors(maxcolors=1 << 16) or range(1 << 16)) >= 8, "the picture and its overlay are not drawn"
     print(f"screenshot: {screenshot}")

@@ -1,7 +1,8 @@
 """`seminar serve` end to end: a real command, deploying onto the session's Ray cluster.
 
-Runs after test_serving.py has shut its Serve instance down (one Serve per cluster).
-The command is stopped with Ctrl-C (SIGINT, by its pid) and must shut Serve down itself.
+One Serve per cluster: each test waits until no other Serve instance runs (another test's,
+in any order) before it starts one, and until its own is gone before it ends. The command is
+stopped with Ctrl-C (SIGINT, by its pid) and must shut Serve down itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, serve_running, wait_serve_gone, wait_until
 from test_serving_units import encode, make_checkpoint
 
 
@@ -39,7 +40,7 @@ class OutputReader(threading.Thread):
     def text(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, needle: str, timeout: float = 180) -> None:
+    def wait_for(self, needle: str, timeout: float = 600) -> None:
         deadline = time.time() + timeout
         while needle not in self.text:
             if self.process.poll() is not None or time.time() > deadline:
@@ -52,6 +53,7 @@ def test_seminar_serve_command(ray_session, tmp_path, stop):
     from ray import serve
 
     checkpoint = make_checkpoint(tmp_path / "checkpoint")
+    wait_serve_gone()
     port = free_port()
     command = [sys.executable, "-m", "jobs.main", "serve", str(checkpoint), "--address", ray_session.address,
                "--port", str(port), "--replicas", "1", "--set", "infer_size=64", "--set", "torch_threads=1"]
@@ -71,7 +73,7 @@ def test_seminar_serve_command(ray_session, tmp_path, stop):
     finally:
         process.send_signal(stop)  # Ctrl-C or SIGTERM: the command shuts Serve down
         try:
-            process.wait(timeout=120)
+            process.wait(timeout=300)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -79,13 +81,17 @@ def test_seminar_serve_command(ray_session, tmp_path, stop):
             raise
     output.join(timeout=10)
     assert process.returncode == 0, output.text
-    # Serve is gone: nothing answers on the port any more.
-    try:
-        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        still_up = True
-    except requests.ConnectionError:
-        still_up = False
-    assert not still_up
+    # Serve is gone: its controller, and nothing answers on the port any more.
+    assert not serve_running()
+
+    def port_closed() -> bool:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        except requests.ConnectionError:
+            return True
+        return False
+
+    wait_until(port_closed, 120, f"something still answers on port {port}", interval=1)
 
 
 def test_shipped_serve_config_deploys_with_rays_own_cli(ray_session, tmp_path):
@@ -112,24 +118,28 @@ def test_shipped_serve_config_deploys_with_rays_own_cli(ray_session, tmp_path):
     path.write_text(yaml.safe_dump(config))
 
     serve_cli = [os.path.join(os.path.dirname(sys.executable), "serve")]
+    wait_serve_gone()
     deployed = subprocess.run([*serve_cli, "deploy", str(path), "--address", ray_session.dashboard_url],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
     try:
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        deadline = time.time() + 240
-        while True:
+        def ready() -> bool:
             try:
-                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json().get("ready"):
-                    break
+                return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json().get("ready") is True
             except (requests.RequestException, ValueError):  # the proxy is up before the app
-                pass
-            assert time.time() < deadline, subprocess.run([*serve_cli, "status", "--address", ray_session.dashboard_url],
-                                                          capture_output=True, text=True).stdout
-            time.sleep(2)
+                return False
+
+        try:
+            wait_until(ready, 600, "the deployed app is not ready", interval=2)
+        except AssertionError as e:
+            status = subprocess.run([*serve_cli, "status", "--address", ray_session.dashboard_url],
+                                    capture_output=True, text=True).stdout
+            raise AssertionError(f"{e}\n{status}") from None
         answer = requests.post(f"http://127.0.0.1:{port}/v1/segment", data=encode(np.zeros((40, 60, 3), np.uint8)),
                                headers={"Content-Type": "image/png"}, timeout=60)
         assert answer.status_code == 200 and answer.headers["x-model-version"] == "seminar/1"
         assert Image.open(io.BytesIO(answer.content)).size == (60, 40)
     finally:
         subprocess.run([*serve_cli, "shutdown", "--address", ray_session.dashboard_url, "--yes"],
-                       capture_output=True, timeout=120)
+                       capture_output=True, timeout=300)
+        wait_serve_gone()  # `serve shutdown` returns before the instance is gone

@@ -338,3 +338,76 @@ def test_checkpoints_of_earlier_versions_load_without_their_retired_fields(tmp_p
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="never_a_field"):
         Segmenter.load(str(checkpoint))
+
+
+# ---- the upload-admission rule, on a fake clock ------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_upload_admission_gives_the_first_slow_uploads_the_full_timeout_then_the_short_one():
+    from serving.app import CROWDED_STALL_S, SLOW_UPLOAD_S, UploadAdmission
+
+    clock = FakeClock()
+    rule = UploadAdmission(max_slow_uploads=3, body_timeout_s=5.0, retry_after_s=2, clock=clock)
+    # the first 3 bodies in flight: the full timeout, no stall limit
+    assert [rule.admit() for _ in range(3)] == [(5.0, None, False)] * 3
+    # a fourth while 3 arrive: the crowd rule, short deadline and stall limit
+    assert rule.admit() == (SLOW_UPLOAD_S, CROWDED_STALL_S, True)
+    assert rule.crowded_until == clock.now + 5.0
+    # a crowded body that times out: 503 with Retry-After, and the crowd rule extended
+    clock.now += 1.0
+    busy = rule.timed_out(crowded=True)
+    assert (busy.status, busy.error, busy.retry_after_s) == (503, "busy", 2) and "3 other uploads" in busy.detail
+    assert rule.crowded_until == clock.now + 5.0
+    # an uncrowded body that times out keeps its 408 (None: no other answer)
+    assert rule.timed_out(crowded=False) is None
+    for _ in range(4):
+        rule.done()
+    assert rule.uploads == 0
+    # the crowd gone, but seen less than body_timeout_s ago: still the short deadline
+    clock.now += 4.9
+    assert rule.admit()[2] is True
+    rule.done()
+    # body_timeout_s after it was last seen: the full timeout again
+    clock.now = rule.crowded_until
+    assert rule.admit() == (5.0, None, False)
+    rule.done()
+
+
+def test_upload_admission_never_shortens_past_the_body_timeout():
+    from serving.app import UploadAdmission
+
+    rule = UploadAdmission(max_slow_uploads=0, body_timeout_s=0.5, retry_after_s=1, clock=FakeClock())
+    assert rule.admit() == (0.5, 0.25, True)  # min(SLOW_UPLOAD_S, body_timeout_s)
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_upload_admission_answers_a_late_body_408_or_503(crowded, monkeypatch):
+    """receive(): a body that does not arrive is a 408, or a 503 with Retry-After when it came
+    in a crowd; either way its upload no longer counts."""
+    import asyncio
+
+    import serving.app
+    from serving.app import UploadAdmission
+
+    seen = []
+
+    async def late_body(request, max_bytes, timeout_s, json_body=False, stall_s=None):
+        seen.append((timeout_s, stall_s))
+        raise InputError(408, "body_timeout", "the request body did not arrive")
+
+    monkeypatch.setattr(serving.app, "read_upload", late_body)
+    rule = UploadAdmission(max_slow_uploads=0 if crowded else 8, body_timeout_s=3.0, retry_after_s=2,
+                           clock=FakeClock())
+    with pytest.raises(InputError) as refused:
+        asyncio.run(rule.receive(None, 100))
+    assert (refused.value.status, refused.value.error) == ((503, "busy") if crowded else (408, "body_timeout"))
+    assert seen == [(1.0, 0.25)] if crowded else seen == [(3.0, None)]
+    assert rule.uploads == 0
