@@ -491,7 +491,6 @@ def test_inspect_real_whats_the_point_main_file():
     report = inspect_clicks(str(WTP_MAIN))
     assert report.num_images == 12_180 and report.num_clicks == 32_697
     assert len(report.empty_images) == 20 and report.sources == ["wtp_main"]
-    assert report.seconds < 5
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
