@@ -72,7 +72,7 @@ class DataConfig(Strict):
             raise ValueError("needs 0 < min <= max <= 8")
         return v
 
-    @field_validator("clicked_images")
+    @field_validator("clicked_images", mode="before")
     @classmethod
     def _clicked_images(cls, v):
         if isinstance(v, bool) or (isinstance(v, int) and v < 1) or (isinstance(v, float) and not 0 < v <= 1):

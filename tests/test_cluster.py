@@ -139,10 +139,12 @@ def test_exchange_routes_by_replica_and_drops_after_reads(ray_session):
 @pytest.mark.slow
 def test_ray_run_matches_in_process_losses(ray_session, tmp_path):
     """Same seed, same tiny job: K students in one process and K Ray workers give the same
-    per-step losses, loss_ss included, so each student got its peers' labels for its batch."""
+    per-step losses, loss_ss included, so each student got its peers' labels for its batch:
+    clicked and unclicked images, CutMixed, through the object store."""
     from seminar.engine import WorkerContext, train_worker
 
-    cfg = tiny_spec(tmp_path / "runs", steps=3, checkpoint_every=3)
+    cfg = tiny_spec(tmp_path / "runs", 3, 3, "data.clicked_images=6", "optim.unlabelled_batch_size=4",
+                    "method.cutmix_prob=1")
     local = []
     train_worker(cfg, WorkerContext(students=[0, 1]), InProcessExchange(2), lambda m, d: local.append(m))
 

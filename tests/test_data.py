@@ -523,3 +523,39 @@ def test_click_store_parts_from_concurrent_writers_lose_nothing_and_train_reads_
             load_clicks(str(tmp_path / "empty"))
         with pytest.raises(ClickFileError, match="no such click file or folder"):
             load_clicks(str(tmp_path / "missing"))
+
+
+# --- Clicked and unclicked images ------------------------------------------------------
+
+
+def test_clicked_images_keeps_a_nested_seeded_subset_and_the_rest_lose_their_clicks():
+    cfg = DataConfig(synthetic={"num_train": 40}, click_seed=3)
+    subsets = {n: set(np.flatnonzero(build_dataset(cfg.model_copy(update={"clicked_images": n}), "train").clicked))
+               for n in (4, 10, 40)}
+    assert [len(s) for s in subsets.values()] == [4, 10, 40] and subsets[4] < subsets[10] < subsets[40]
+    fraction = build_dataset(cfg.model_copy(update={"clicked_images": 0.25}), "train")
+    assert set(np.flatnonzero(fraction.clicked)) == subsets[10]  # a quarter of 40: the same 10
+    other_seed = build_dataset(cfg.model_copy(update={"clicked_images": 10, "click_seed": 4}), "train")
+    assert set(np.flatnonzero(other_seed.clicked)) != subsets[10]
+    dataset = build_dataset(cfg.model_copy(update={"clicked_images": 4}), "train")
+    for i in range(10):
+        assert (len(dataset[i].clicks) > 0) == (i in subsets[4]), i
+    # validation images keep their clicks (they are not trained on)
+    assert build_dataset(cfg.model_copy(update={"clicked_images": 4}), "val").clicked.all()
+    with pytest.raises(DatasetError, match=r"data.clicked_images: 41 asked for, but only 40 of the 40 training images"):
+        build_dataset(cfg.model_copy(update={"clicked_images": 41}), "train")
+
+
+@pytest.mark.parametrize("value", [0, -3, 0.0, 1.5, True])
+def test_clicked_images_must_be_a_count_or_a_fraction(value):
+    with pytest.raises(ValueError, match="clicked_images"):
+        DataConfig(clicked_images=value)
+
+
+def test_folder_images_absent_from_the_click_table_are_unclicked(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "images" / f"{name}.png")
+    write_click_table(make_click_table(["b"], [5.0], [5.0], [1], [1], "user"), str(tmp_path / "clicks.parquet"))
+    cfg = DataConfig(dataset="folder", root=str(tmp_path), clicks=str(tmp_path / "clicks.parquet"), classes=["bg", "x"])
+    assert build_dataset(cfg, "train").clicked.tolist() == [False, True, False]

@@ -88,9 +88,11 @@ def test_seminar_run_reports_every_student_and_checkpoints(tmp_path):
     assert (tmp_path / "copy_4" / "student_1" / "teacher.pt").is_file()
 
 
-def test_resume_continues_with_the_same_numbers(tmp_path):
+@pytest.mark.parametrize("few_clicked", [[], ["data.clicked_images=3", "method.cutmix_prob=1", "optim.unlabelled_batch_size=4"]],
+                         ids=["all_clicked", "3_clicked_cutmix"])
+def test_resume_continues_with_the_same_numbers(tmp_path, few_clicked):
     cfg = tiny_spec(tmp_path, "optim.steps=4", "schedule.log_every=1", "schedule.eval_every=100",
-                    "schedule.checkpoint_every=2")
+                    "schedule.checkpoint_every=2", *few_clicked)
     straight, saved = run(cfg)
     resumed, _ = run(cfg, resume_from=saved[2])
     assert [m["step"] for m in resumed] == [3, 4]
@@ -295,3 +297,95 @@ def test_schedule_reports_evaluates_checkpoints_and_resumes_on_time():
     resumed, _ = run_from(5, seen[2][4])
     assert resumed == [s for s in seen if s[0] > 5]
     assert run_schedule(schedule, 10, 10, lambda step: pytest.fail("a finished run trains"), None) == {}
+
+
+# ---------------------------------------------------------------------------------------
+# Click a few, train on all: two streams, CutMix, the collapse guard.
+
+
+def step_batches(tmp_path, *extra, start=0, unlabelled_batch_size=3):
+    from seminar.data import SeminarViews, build_dataset
+    from seminar.engine import StepBatches
+
+    cfg = tiny_spec(tmp_path, *extra)
+    dataset = build_dataset(cfg.data, "train")
+    views = SeminarViews(cfg.data.crop_size, cfg.data.scale_range, cfg.data.click_radius,
+                         [s.augment for s in cfg.students], seed=cfg.optim.seed)
+    return StepBatches(dataset, views, [0, 1], cfg.optim.batch_size, unlabelled_batch_size, 0, 1, cfg.optim.seed,
+                       start, 50)
+
+
+def test_two_streams_hold_clicked_images_every_step_and_cover_the_unclicked_ones(tmp_path):
+    # 3 clicked images (fewer than a batch of 4) and 13 unclicked ones
+    batches = step_batches(tmp_path, "data.clicked_images=3")
+    clicked = set(np.flatnonzero(batches.dataset.clicked))
+    assert len(clicked) == 3 and len(batches.unlabelled) == 13
+    seen_unclicked = []
+    for step in range(13):
+        items = batches.indices(step)
+        labelled = [j for _, j, is_labelled in items if is_labelled]
+        unlabelled = [j for _, j, is_labelled in items if not is_labelled]
+        assert len(labelled) == 4 and set(labelled) <= clicked  # never a step without clicks
+        assert len(unlabelled) == 3 and not set(unlabelled) & clicked
+        seen_unclicked += unlabelled
+    # three epochs of the unclicked stream: each a permutation of the 13 images
+    assert sorted(seen_unclicked[:13]) == sorted(seen_unclicked[13:26]) == sorted(batches.unlabelled)
+    batch = batches[0]
+    assert batch["labelled"].tolist() == [True] * 4 + [False] * 3
+    assert (batch["click_map"][4:] == 255).all() and (batch["click_map"][:4] != 255).any()
+
+
+def test_two_streams_are_deterministic_and_resume_at_any_step(tmp_path):
+    first = step_batches(tmp_path, "data.clicked_images=5")
+    again = step_batches(tmp_path, "data.clicked_images=5", start=7)  # a run resumed at step 7
+    assert [first.indices(s) for s in range(20)] == [again.indices(s) for s in range(20)]
+    for key, value in first[7].items():
+        assert torch.equal(value, again[0][key]), key
+    # another seed draws other batches
+    other = step_batches(tmp_path, "data.clicked_images=5", "optim.seed=1")
+    assert [first.indices(s) for s in range(4)] != [other.indices(s) for s in range(4)]
+
+
+def test_no_unclicked_images_drawn_when_no_term_learns_from_them(tmp_path):
+    cfg = tiny_spec(tmp_path, "optim.steps=2", "schedule.log_every=1", "data.clicked_images=4",
+                    "method.w_ts=0", "method.w_ss=0", "schedule.eval_every=2")
+    logged, _ = run(cfg)
+    # the click-only baseline trains on the clicked images alone: 4 of them a step, one epoch a step
+    assert [m["epoch"] for m in logged] == [1.0, 2.0]
+
+
+def test_collapse_warning_fires_on_a_one_class_teacher(caplog):
+    from seminar.engine import COLLAPSE_SHARE, teacher_shares, warn_collapse
+
+    batch = {"labelled": torch.tensor([True, False, False]), "valid": torch.ones(3, 8, 8, dtype=torch.bool),
+             "click_map": torch.full((3, 8, 8), 255)}
+    batch["click_map"][0, 2, 2] = 1
+    probs = torch.full((3, 4, 8, 8), 0.1)
+    probs[:, 2] = 0.7  # every pixel class 2 ...
+    probs[1, 3, :2] = 0.9  # ... but two rows of the second image (of 128 unclicked pixels there)
+    shares = teacher_shares(probs, batch)
+    assert shares["teacher_share/2"] == pytest.approx(112 / 128) and shares["teacher_share/3"] == pytest.approx(16 / 128)
+    assert shares["teacher_share/2"] >= COLLAPSE_SHARE
+    cfg = load_spec(None, ["method.rampup_steps=10", "method.ema_warmup_steps=10"])
+    classes = ("background", "a", "b", "c")
+    metrics = {"step": 20, "data/click_share/2": 0.25, **{f"s0/{k}": v for k, v in shares.items()},
+               **{f"s1/teacher_share/{c}": 0.25 for c in range(4)}}
+    with caplog.at_level("WARNING", logger="seminar.engine"):
+        warn_collapse(cfg, metrics, classes, {0: None, 1: None})
+        warn_collapse(cfg, {**metrics, "step": 5}, classes, {0: None, 1: None})  # still warming up: quiet
+    assert [r.getMessage() for r in caplog.records] == [
+        "step 20: student 0's teacher labels 88% of the unclicked pixels b (clicks: 25% b): its pseudo-labels are "
+        "collapsing to one class"]
+
+
+def test_a_few_clicked_images_train_with_cutmix_and_report_class_shares(tmp_path):
+    cfg = tiny_spec(tmp_path, "optim.steps=3", "schedule.log_every=1", "schedule.eval_every=3",
+                    "data.clicked_images=0.25", "method.cutmix_prob=1", "optim.unlabelled_batch_size=4",
+                    "method.tau=0")
+    logged, _ = run(cfg)
+    last = logged[-1]
+    for k in range(2):
+        shares = [last[f"s{k}/teacher_share/{c}"] for c in range(4)]
+        assert sum(shares) == pytest.approx(1.0) and last[f"s{k}/loss_ss"] > 0
+    assert sum(last[f"data/click_share/{c}"] for c in range(4)) == pytest.approx(1.0)
+    assert last["epoch"] == pytest.approx(3 * 4 / 4)  # 4 of 16 images clicked, 4 a step

@@ -262,3 +262,30 @@ def test_pairwise_term_ties_similar_neighbours_and_stops_at_colour_edges():
     # padding (invalid) pixels take no part
     no_pairs = pairwise_affinity_loss(across, rgb, torch.zeros_like(valid), color_tol=0.05)
     assert no_pairs.item() == 0.0
+
+
+def test_cutmix_mixes_the_input_and_every_target_with_the_same_box():
+    from seminar.method import CutMix, cutmix_boxes
+
+    box = torch.zeros(3, 4, 5, dtype=torch.bool)
+    box[0, 1:3, 2:4] = True
+    mix = CutMix(box, partner=torch.tensor([1, 2, 0]))
+    image = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 4, 5)  # image i is all i
+    probs = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 4, 5)
+    label = torch.tensor([10, 11, 12]).view(3, 1, 1).expand(3, 4, 5)
+    mixed_image, mixed_probs, mixed_label = mix(image), mix(probs), mix(label)
+    assert (mixed_image[0][:, box[0]] == 1).all() and (mixed_image[0][:, ~box[0]] == 0).all()
+    assert (mixed_probs[0][:, box[0]] == 1).all() and (mixed_probs[0][:, ~box[0]] == 0).all()
+    assert (mixed_label[0][box[0]] == 11).all() and (mixed_label[0][~box[0]] == 10).all()
+    assert torch.equal(mixed_label[1:], label[1:]) and mix(None) is None  # no box: unchanged
+
+    rng = np.random.default_rng(0)
+    assert not cutmix_boxes(rng, 4, 32, 48, prob=0).any()
+    boxes = cutmix_boxes(rng, 200, 32, 48, prob=1)
+    areas = boxes.reshape(200, -1).mean(1)
+    assert (areas > 0).all() and 0.01 < areas.min() and areas.max() <= 0.45  # 2-40% of the image, rounded
+    for b in boxes[:20]:  # one rectangle each
+        rows, cols = np.flatnonzero(b.any(1)), np.flatnonzero(b.any(0))
+        assert b[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all() and b.sum() == len(rows) * len(cols)
+    half = cutmix_boxes(np.random.default_rng(1), 400, 16, 16, prob=0.5).reshape(400, -1).any(1).mean()
+    assert 0.4 < half < 0.6
