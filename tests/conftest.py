@@ -307,9 +307,9 @@ def ray_cluster(s3_server):
         import ray
 
         ray.shutdown()
-        head.terminate()  # `ray start --block` stops its processes on SIGTERM
-        try:
-            head.wait(timeout=60)
+        head.terminate()  # `ray start --block` stops its processes on SIGTERM, one by one (~30 s):
+        try:  # the session is over, nothing of the cluster is kept, so not waited for long
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
         try:
