@@ -138,7 +138,9 @@ def plot(results: dict[tuple[str, int, int], float], rows: list[str], budgets: l
         if xs:
             ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3, label=row)
     ax.set_xscale("log")
-    ax.set_xlabel("clicks (simulated) on the clicked training images")
+    ax.minorticks_off()
+    ax.set_xticks([clicks.get(n, n) for n in budgets], [f"{clicks.get(n, n)}\n{n} img" for n in budgets])
+    ax.set_xlabel("clicks (simulated), on how many clicked training images")
     ax.set_ylabel("val mIoU")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -389,3 +389,31 @@ def test_a_few_clicked_images_train_with_cutmix_and_report_class_shares(tmp_path
         assert sum(shares) == pytest.approx(1.0) and last[f"s{k}/loss_ss"] > 0
     assert sum(last[f"data/click_share/{c}"] for c in range(4)) == pytest.approx(1.0)
     assert last["epoch"] == pytest.approx(3 * 4 / 4)  # 4 of 16 images clicked, 4 a step
+
+
+@pytest.mark.slow  # six training processes: ~40 s
+def test_label_efficiency_study_prints_the_table_saves_the_plot_and_resumes(tmp_path):
+    """scripts/label_efficiency.py, as a user runs it: one process per run, the table, the
+    plot; run again, it trains nothing and prints the same table."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).parents[1]
+    flags = [a for s in [*TINY, "optim.steps=2", "schedule.eval_every=2", "schedule.checkpoint_every=2"]
+             for a in ("--set", s)]
+    command = [sys.executable, "scripts/label_efficiency.py", "--config", "jobs/configs/synthetic.yaml",
+               "--clicked", "4", "16", "--rows", "pce2", "seminar", "fixmatchish",
+               "--row", "fixmatchish=method.tau=0.95|method.cutmix_prob=1", "--out", str(tmp_path), *flags]
+    first = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout + first.stderr
+    rows = re.findall(r"^\| (4|16) \| (\d+) \| (0\.\d{3}) \| (0\.\d{3}) \| (0\.\d{3}) \| - \|$", first.stdout, re.M)
+    assert [r[0] for r in rows] == ["4", "16"] and int(rows[0][1]) < int(rows[1][1]), first.stdout
+    assert (tmp_path / "label_efficiency.png").stat().st_size > 10_000
+    assert first.stdout.count(": done") == 6
+    spec = json.loads(next((tmp_path / "seminar-c4-s0").glob("checkpoints/*/meta.json")).read_text())["spec"]
+    assert spec["data"]["clicked_images"] == 4 and spec["method"]["w_ts"] > 0
+    spec = json.loads(next((tmp_path / "fixmatchish-c16-s0").glob("checkpoints/*/meta.json")).read_text())["spec"]
+    assert spec["data"]["clicked_images"] is None and spec["method"]["cutmix_prob"] == 1  # 16 = every image
+    again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and ": done" not in again.stdout
+    assert re.findall(r"^\| (?:4|16) \|.*$", again.stdout, re.M) == re.findall(r"^\| (?:4|16) \|.*$", first.stdout, re.M)
