@@ -171,6 +171,9 @@ class MethodConfig(Strict):
         0.0, ge=0, le=1, description="share of the unclicked images whose strong view gets a box cut from another "
         "unclicked image of the batch (CutMix); the teacher's target and the peers' pseudo-label are mixed with "
         "the same box (0 = off)")
+    feature_dropout: float = Field(
+        0.0, ge=0, lt=1, description="share of the decoder's input channels dropped while a student trains "
+        "(a feature perturbation; teachers and the served model never drop)")
     ss_start: int = Field(50, ge=0, description="step at which loss_ss starts ramping up")
     rampup_steps: int = Field(100, ge=0, description="length L of the sigmoid ramp-up")
     pseudo_from: Literal["teacher", "student"] = Field(

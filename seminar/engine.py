@@ -71,7 +71,8 @@ class StudentTask:
         self.k, self.cfg, self.ctx, self.num_classes = k, cfg, ctx, num_classes
         torch.manual_seed(spec.seed)  # same initial weights for student k wherever it runs
         net = build_model(spec.model, num_classes, spec.output_stride,
-                          spec.pretrained if spec.init_from is None else None, spec.decoder_channels)
+                          spec.pretrained if spec.init_from is None else None, spec.decoder_channels,
+                          cfg.method.feature_dropout)
         if spec.init_from is not None:
             net.load_state_dict(registry.teacher_weights(spec.init_from, k))
         net = net.to(ctx.device)

@@ -206,3 +206,21 @@ def test_efficientnet_lite0_imagenet_weights_classify_real_photos(photo, imagene
 def test_pretrained_imagenet_is_refused_where_no_weights_ship():
     with pytest.raises(ValueError, match="only packaged for deeplabv3plus_efficientnet_lite0"):
         build_model("deeplabv3plus_resnet18", NUM_CLASSES, pretrained="imagenet")
+
+
+def test_feature_dropout_perturbs_training_forwards_only() -> None:
+    torch.manual_seed(0)
+    plain = build_model("deeplabv3plus_resnet18", 3, decoder_channels=16)
+    torch.manual_seed(0)
+    dropping = build_model("deeplabv3plus_resnet18", 3, decoder_channels=16, feature_dropout=0.5)
+    assert plain.state_dict().keys() == dropping.state_dict().keys()  # checkpoints load either way
+    x = torch.randn(2, 3, 64, 64)
+    dropping.eval()
+    plain.eval()
+    assert torch.equal(dropping(x), plain(x)) and torch.equal(dropping(x), dropping(x))
+    dropping.train()
+    torch.manual_seed(1)
+    first = dropping(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, dropping(x))  # keyed by the seed, as training keys it per step
+    assert not torch.equal(first, dropping(x))

@@ -62,12 +62,13 @@ def pretrained_weights_file(name: str, pretrained: str) -> str:
 
 
 def build_model(name: str, num_classes: int, output_stride: int = 16, pretrained: str | None = None,
-                decoder_channels: int = 256) -> DeepLabV3Plus:
-    """Build a registered model; ``pretrained`` is ``imagenet`` or an ImageNet weights file for its backbone."""
+                decoder_channels: int = 256, feature_dropout: float = 0.0) -> DeepLabV3Plus:
+    """Build a registered model; ``pretrained`` is ``imagenet`` or an ImageNet weights file for its backbone;
+    ``feature_dropout`` drops channels of the decoder's input in training."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
     backbone = BACKBONES[name.removeprefix(MODEL_PREFIX)](output_stride)
-    model = DeepLabV3Plus(backbone, num_classes, output_stride, decoder_channels)
+    model = DeepLabV3Plus(backbone, num_classes, output_stride, decoder_channels, feature_dropout)
     if pretrained is not None:
         load_backbone_weights(model.backbone, pretrained_weights_file(name, pretrained))
     return model

@@ -72,7 +72,8 @@ class DeepLabV3Plus(nn.Module):
     ``low_level_channels`` and ``out_channels``. ``forward(x [B,3,H,W]) -> logits [B,C,H,W]``;
     ``decode(x)`` the same logits before the last upsampling, at the decoder's stride 4."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, output_stride: int = 16, decoder_channels: int = 256) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, output_stride: int = 16, decoder_channels: int = 256,
+                 feature_dropout: float = 0.0) -> None:
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
@@ -85,6 +86,9 @@ class DeepLabV3Plus(nn.Module):
             conv_bn_relu(decoder_channels, decoder_channels, 3),
         )
         self.classifier = nn.Conv2d(decoder_channels, num_classes, kernel_size=1)
+        # A perturbation for training (UniMatch's feature perturbation): whole channels of the
+        # decoder's input dropped; no parameters, and nothing in eval mode (teachers, serving).
+        self.feature_dropout = nn.Dropout2d(feature_dropout)
 
         # The backbone initialised itself (or was loaded); initialise only the head.
         for name, m in self.named_modules():
@@ -105,7 +109,7 @@ class DeepLabV3Plus(nn.Module):
         low_level, last = self.backbone(x)
         low_level = self.low_level_project(low_level)
         context = F.interpolate(self.aspp(last), size=low_level.shape[-2:], mode="bilinear", align_corners=False)
-        return self.classifier(self.decoder(torch.cat([context, low_level], dim=1)))
+        return self.classifier(self.decoder(self.feature_dropout(torch.cat([context, low_level], dim=1))))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.interpolate(self.decode(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
