@@ -523,17 +523,17 @@ def test_slow_bodies_get_408_or_503_and_do_not_hold_up_others(server):
 
 
 def test_overload_answers_503_with_retry_after(ray_session, server, registry_model):
-    """A deployment that holds 1 request and queues 1 more: with both places taken (by two
-    slow uploads, which hold theirs until they are closed or body_timeout_s), the next request
-    is refused at once with 503 and Retry-After; with them gone, it is answered again. (Idle,
-    it answers 200.)"""
+    """A deployment that holds 1 request and queues 1 more refuses the rest of a burst: every
+    answer is a 200 or a 503 with Retry-After, and a burst of 24 at once meets a 503 (bursts
+    repeated until one does, with a generous limit: how many get through depends on how the
+    machine schedules the 24 senders); idle again, it answers 200."""
     from ray import serve
 
     from seminar.config import ServingConfig
     from serving.app import ServeArgs, build_app
 
     tight = ServingConfig(infer_size=INFER_SIZE, num_replicas=1, max_ongoing_requests=1, max_queued_requests=1,
-                          retry_after_s=2, torch_threads=1, body_timeout_s=120)
+                          retry_after_s=2, torch_threads=1)
     serve.run(build_app(ServeArgs(model=registry_model[0], serving=tight)), name="tight", route_prefix="/tight")
     try:
         body = encode(synthetic_image(8))
@@ -543,19 +543,26 @@ def test_overload_answers_503_with_retry_after(ray_session, server, registry_mod
                                  timeout=120)
 
         assert post().status_code == 200  # idle: nothing held, nothing queued
-        import select
+        seen = collections.Counter()
 
-        # three slow uploads: one holds the replica's place, one the queue's, the third is refused
-        slow = open_slow_bodies(server, 3, prefix="/tight")
-        try:
-            answered, _, _ = select.select(slow, [], [], RETRY_LIMIT_S)  # the first answer: the refused one
-            assert answered and status_of(answered[0]) == 503, "no slow upload was refused"
-            # both places still taken (the two others hold them until closed): refused at once
-            refused = post()
-            assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
-        finally:
-            for conn in slow:
-                conn.close()
+        def burst():
+            barrier = threading.Barrier(24)
+
+            def send(_):
+                barrier.wait()
+                return post()
+
+            with concurrent.futures.ThreadPoolExecutor(24) as pool:
+                answers = list(pool.map(send, range(24)))
+            for answer in answers:
+                seen[answer.status_code] += 1
+                assert answer.status_code in (200, 503), answer.text
+                if answer.status_code == 503:
+                    assert answer.headers["retry-after"] == "2", answer.headers
+            return any(a.status_code == 503 for a in answers)
+
+        wait_until(burst, RETRY_LIMIT_S, "no burst of 24 met a 503", interval=0)
+        assert seen[200] >= 1, seen  # the deployment's own place: at least the first of a burst
         answer, _ = post_until_answered(post)
         assert answer.status_code == 200, answer.text
     finally:
@@ -593,11 +600,16 @@ def exported_metrics(server, ray_cluster) -> str:
         assert post_image(server, encode(synthetic_image(i))).status_code == 200
     assert post_image(server, b"junk").status_code == 400
 
-    def complete(text: str) -> bool:
+    def complete(text: str) -> bool:  # every family the tests read, with this module's samples
         families = our_families(text)
         requests_total = families.get("ray_seminar_serve_requests")
-        return (requests_total is not None and "ray_seminar_serve_batch_images" in families
-                and {s.labels.get("status") for s in requests_total.samples} >= {"200", "400"})
+        info = families.get("ray_seminar_serve_model_info")
+        return (requests_total is not None and {s.labels.get("status") for s in requests_total.samples} >= {"200", "400"}
+                and info is not None and any(s.labels.get("model_version") == "shapes/1" for s in info.samples)
+                and all(any(s.name == f"{name}_count" and s.value > 0 for s in families[name].samples)
+                        if name in families else False
+                        for name in ("ray_seminar_serve_request_seconds", "ray_seminar_serve_image_megapixels",
+                                     "ray_seminar_serve_batch_images", "ray_seminar_serve_batch_megapixels")))
 
     return scrape_until(ray_cluster.metrics_url, complete)
 
@@ -617,7 +629,7 @@ def test_prometheus_metrics(exported_metrics):
                  "ray_seminar_serve_batch_images", "ray_seminar_serve_batch_megapixels"):
         assert families[name].type == "histogram", name
         count = [s for s in families[name].samples if s.name == f"{name}_count"]
-        assert count and count[0].value > 0, name
+        assert any(s.value > 0 for s in count), name  # per app and replica: some observed
     info = [s for s in families["ray_seminar_serve_model_info"].samples if s.labels["model_version"] == "shapes/1"]
     assert info and info[0].value == 1 and info[0].labels["which"] == "teacher_0"
 
