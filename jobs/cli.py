@@ -231,18 +231,28 @@ def models_list(registry: Optional[str] = typer.Option(None, "--registry", "-r",
     try:
         reg = ModelRegistry(registry)
         rows = [(m, reg.versions(m)) for m in reg.models()]
-        latest = {m: reg.get(m, v[-1]).metadata for m, v in rows}
+        stray = reg.stray_entries()
     except RegistryError as e:
         fail(str(e), code=1)
     table = Table(title=f"models in {reg.uri}")
     for col in ("model", "versions", "latest", "created", "val/miou", "click source"):
         table.add_column(col)
+    unreadable = []
     for model, versions in rows:
-        meta = latest[model]
+        try:  # one broken version does not hide the other models
+            meta = reg.get(model, versions[-1]).metadata
+        except RegistryError as e:
+            unreadable.append(str(e))
+            table.add_row(model, ", ".join(map(str, versions)), str(versions[-1]), "-", "-", "unreadable")
+            continue
         miou = (meta.get("metrics") or {}).get(SERVED_MIOU)
-        table.add_row(model, ", ".join(map(str, versions)), str(versions[-1]), meta.get("created", "-"),
-                      "-" if miou is None else f"{miou:.4f}", str(meta.get("click_source")))
+        table.add_row(model, ", ".join(map(str, versions)), str(versions[-1]), str(meta.get("created", "-")),
+                      f"{miou:.4f}" if isinstance(miou, (int, float)) else "-", str(meta.get("click_source")))
     console.print(table)
+    for problem in unreadable:
+        errors.print(f"warning: {problem}", highlight=False, soft_wrap=True)
+    for entry in stray:
+        errors.print(f"warning: {reg.uri}: {entry!r} is not a model name; left out", highlight=False, soft_wrap=True)
     if not rows:
         console.print("no models yet: `seminar models publish RUN --name NAME` or `seminar tune SPEC` add one")
 

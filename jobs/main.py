@@ -34,6 +34,7 @@ def train(
     in_process: bool = typer.Option(False, "--in-process", help="all students in this process, without Ray"),
 ) -> None:
     """Train the students, evaluate them, save a checkpoint."""
+    from seminar.checkpoint import CheckpointError
     from seminar.config import SpecError
     from seminar.data import ClickFileError, DatasetError
     from seminar.storage import NotWritable
@@ -51,8 +52,8 @@ def train(
                 result = run_training(cfg, address=address, console=seminar.cli.console)
             except PreflightError as e:
                 fail(str(e))
-    except (ClickFileError, DatasetError, SpecError, NotWritable, FileNotFoundError) as e:
-        fail(str(e))
+    except (ClickFileError, DatasetError, SpecError, NotWritable, FileNotFoundError, CheckpointError) as e:
+        fail(str(e))  # CheckpointError: an init_from whose weights do not load (refused, no code run)
     seminar.cli.print_training_summary(cfg, result)
 
 

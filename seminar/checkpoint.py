@@ -14,6 +14,7 @@ worker writes only the students it owns; the directories merge into one checkpoi
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch import nn
 from . import __version__, storage
 from .config import TrainConfig
 from .data.base import DatasetInfo
+from .untrusted import UntrustedJSONError, parse_json
 
 META = "meta.json"
 # The teacher predictions of the next step's batch, made before the checkpoint's last EMA
@@ -83,16 +85,19 @@ class CheckpointError(ValueError):
 def _load_tensors(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+    except pickle.UnpicklingError:  # torch's own text is a page of advice on loading it unsafely
+        raise CheckpointError(f"{path}: not a readable weights file (it holds objects other than tensors; "
+                              "refused unread, no code ran)") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ...
         raise CheckpointError(f"{path}: not a readable weights file ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:200]})") from None
 
 
 def _load_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+        value = parse_json(path.read_bytes(), str(path))
+    except UntrustedJSONError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return value

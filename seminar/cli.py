@@ -72,7 +72,13 @@ def evaluate(
     from .data import ClickFileError, DatasetError
     from .evaluate import evaluate_checkpoint, save_grid
     from .predict import Segmenter
+    from .storage import NotWritable, check_output
 
+    try:
+        if grid:
+            check_output(grid, "--grid")
+    except NotWritable as e:
+        fail(str(e))
     try:
         segmenter = Segmenter.load(checkpoint, which=which)
     except (OSError, ValueError) as e:  # missing or broken files; storage that does not answer
@@ -174,7 +180,12 @@ def runs_plot(run: str = typer.Argument(..., help="run name under --path, or a r
               path: str = typer.Option("runs", "--path", help=PATH_HELP)) -> None:
     """PNG curves: each student's losses, every network's val mIoU, pseudo-label coverage and accuracy."""
     from .runs import plot_history, read_run
+    from .storage import NotWritable, check_output
 
+    try:
+        check_output(out, "--out")
+    except NotWritable as e:
+        fail(str(e))
     info = read_run(_run_directory(run, path))
     if not info.history:
         fail(f"{info.directory}: no metrics.jsonl to plot")

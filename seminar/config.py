@@ -21,6 +21,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .untrusted import value_error_reason
+
 
 class Strict(BaseModel):
     # inf and nan are never a sensible setting (`optim.poly_power=.inf` must not train)
@@ -30,8 +32,8 @@ class Strict(BaseModel):
 class SyntheticConfig(Strict):
     """Shapes on textured backgrounds, generated from a seed (the fast default)."""
 
-    num_train: int = Field(512, ge=1)
-    num_val: int = Field(96, ge=1)
+    num_train: int = Field(512, ge=1, le=1_000_000)  # generated on the fly, but listed by id
+    num_val: int = Field(96, ge=1, le=1_000_000)
     image_size: int = Field(96, ge=32, le=1024)
     num_classes: int = Field(4, ge=2, le=32, description="including background (class 0)")
     seed: int = Field(0, description="generator seed of the images (train and val draw different streams)")
@@ -48,7 +50,8 @@ class DataConfig(Strict):
     val_split: str = "val"
     max_train: int | None = Field(None, ge=1, description="use only the first N training images")
     max_val: int | None = Field(None, ge=1)
-    load_scale: float = Field(1.0, gt=0, le=1, description="resize images and masks on load (0.5 = half resolution)")
+    load_scale: float = Field(1.0, ge=0.05, le=1, description="resize images and masks on load (0.5 = half "
+                              "resolution; below 0.05 a 480-pixel photo keeps fewer than 24)")
     crop_size: tuple[int, int] = Field((96, 96), description="training crop (height, width)")
     scale_range: tuple[float, float] = (0.75, 1.5)
     click_radius: int = Field(3, ge=0, le=64)
@@ -68,8 +71,8 @@ class DataConfig(Strict):
     @classmethod
     def _scale_range(cls, v):
         lo, hi = v
-        if not 0 < lo <= hi <= 8:
-            raise ValueError("needs 0 < min <= max <= 8")
+        if not 0.1 <= lo <= hi <= 4:  # 8x a 512-pixel image is 16 MB a view, to crop a few pixels from
+            raise ValueError("needs 0.1 <= min <= max <= 4")
         return v
 
     @field_validator("clicked_images", mode="before")
@@ -193,15 +196,15 @@ class OptimConfig(Strict):
     unlabelled_batch_size: int | None = Field(
         None, ge=1, le=1024, description="unclicked images per step beside them (None = batch_size), drawn from "
         "their own stream when the training set has unclicked images and w_ts or w_ss uses them")
-    steps: int = Field(300, ge=1)
+    steps: int = Field(300, ge=1, le=10_000_000)
     poly_power: float = Field(0.9, ge=0)
     seed: int = 0
 
 
 class ScheduleConfig(Strict):
-    eval_every: int = Field(100, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1, le=10_000_000)
+    checkpoint_every: int = Field(100, ge=1, le=10_000_000)
+    log_every: int = Field(10, ge=1, le=10_000_000)
 
 
 class ResourcesConfig(Strict):
@@ -433,6 +436,15 @@ MAX_SPEC_DEPTH = 32
 
 
 class _SpecLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:  # a key given twice would silently keep its last value
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in keys:
+                raise SpecError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
@@ -455,6 +467,8 @@ def parse_yaml(text: str, source: str):
         raise SpecError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise SpecError(f"{source}: {value_error_reason(e)}") from None
 
 
 def read_spec_file(path: str | os.PathLike) -> dict:

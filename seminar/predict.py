@@ -34,7 +34,12 @@ def _networks(served: str, num_students: int) -> tuple[list[int], str]:
         return list(range(num_students)), "teacher"
     if served == "primary_student":
         return [0], "student"
-    return [int(served.removeprefix("teacher_"))], "teacher"
+    k = served.removeprefix("teacher_") if isinstance(served, str) else ""
+    if not (served.startswith("teacher_") and k.isascii() and k.isdigit() and int(k) < num_students):
+        # a meta.json edited by hand, or not ours: refused by name, not an IndexError later
+        raise ValueError(f"the checkpoint serves {served!r}, which is not one of its {num_students} students' "
+                         f"networks (teacher_0..teacher_{num_students - 1}, teacher_ensemble, primary_student)")
+    return [int(k)], "teacher"
 
 
 RUNTIMES = ("torch", "onnx")

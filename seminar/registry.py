@@ -37,6 +37,7 @@ import pyarrow.fs as pafs
 
 from . import checkpoint, export, storage
 from .checkpoint import local_copy
+from .untrusted import UntrustedJSONError, parse_json
 
 METADATA_FILE = "metadata.json"
 RESUME_ONLY = ("optimizer.pt", checkpoint.LOOK_AHEAD)  # checkpoint files serving never reads
@@ -204,10 +205,22 @@ class ModelVersion:
 
 def _check_model_name(model: str) -> str:
     """A model name is one path component, so it cannot reach outside its registry."""
-    if not model or "/" in model or "\\" in model or model.startswith(".") or model.isdigit():
+    if not model or "/" in model or "\\" in model or model.startswith(".") or _is_version(model):
         raise RegistryError(f"model name {model!r}: use a non-empty name without '/' that is not a number "
                             "and does not start with '.'")
     return model
+
+
+def _is_model_name(entry: str) -> bool:
+    try:
+        return bool(_check_model_name(entry))
+    except RegistryError:
+        return False
+
+
+def _is_version(entry: str) -> bool:
+    """A version directory's name: ASCII digits (str.isdigit() also takes '²', which int() refuses)."""
+    return entry.isascii() and entry.isdigit()
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -241,13 +254,19 @@ class ModelRegistry:
 
     @_wrap_storage_errors
     def models(self) -> list[str]:
-        return [m for m in self.store.list_dirs() if self.versions(m)]
+        """Models with a committed version; entries that are no model (`stray_entries`) left out."""
+        return [m for m in self.store.list_dirs() if _is_model_name(m) and self.versions(m)]
+
+    @_wrap_storage_errors
+    def stray_entries(self) -> list[str]:
+        """What the registry holds that cannot be a model (a name like '..'), for listings to name."""
+        return [m for m in self.store.list_dirs() if not _is_model_name(m)]
 
     @_wrap_storage_errors
     def versions(self, model: str) -> list[int]:
         """Committed versions of model (those with metadata.json), oldest first."""
         _check_model_name(model)
-        numbered = sorted(int(v) for v in self.store.list_dirs(model) if v.isdigit())
+        numbered = sorted(int(v) for v in self.store.list_dirs(model) if _is_version(v))
         return [v for v in numbered if self.store.read_bytes(model, str(v), METADATA_FILE) is not None]
 
     @_wrap_storage_errors
@@ -265,9 +284,9 @@ class ModelRegistry:
         raw = self.store.read_bytes(model, str(version), METADATA_FILE)
         where = self.store.join(model, str(version), METADATA_FILE)
         try:
-            metadata = json.loads(raw)
-        except ValueError:
-            raise IntegrityError(f"{where}: not valid JSON") from None
+            metadata = parse_json(raw, where)
+        except UntrustedJSONError as e:
+            raise IntegrityError(str(e)) from None
         _checked_files(metadata, where)
         return ModelVersion(model, version, self.store.join(model, str(version)), metadata)
 
@@ -316,7 +335,10 @@ class ModelRegistry:
             local = local_copy(str(checkpoint).rstrip("/"))
         except FileNotFoundError:
             raise RegistryError(f"{checkpoint}: not a checkpoint (no {CHECKPOINT_META})") from None
-        meta = json.loads((local / CHECKPOINT_META).read_text())
+        try:
+            meta = parse_json((local / CHECKPOINT_META).read_bytes(), str(local / CHECKPOINT_META))
+        except UntrustedJSONError as e:
+            raise IntegrityError(str(e)) from None
         rel_files = sorted(  # not the download cache's own marks (dot files)
             str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")
             and p.name != METADATA_FILE and (include_optimizer or p.name not in RESUME_ONLY))
@@ -348,7 +370,7 @@ class ModelRegistry:
         return ModelVersion(model, version, self.store.join(model, str(version)), metadata)
 
     def _claim_next_version(self, model: str) -> int:
-        taken = [int(v) for v in self.store.list_dirs(model) if v.isdigit()]
+        taken = [int(v) for v in self.store.list_dirs(model) if _is_version(v)]
         version = max(taken, default=0) + 1
         while not self.store.claim(model, str(version)):
             version += 1
@@ -383,7 +405,7 @@ def verify_files(local: Path, files: dict[str, dict], where: str) -> None:
 def parse_model_ref(ref: str) -> tuple[str, int | None]:
     """'name' -> (name, None); 'name/3' -> (name, 3)."""
     head, _, tail = ref.strip("/").rpartition("/")
-    if head and tail.isdigit():
+    if head and _is_version(tail):
         return _check_model_name(head), int(tail)
     if head:
         raise RegistryError(f"model reference {ref!r}: expected NAME or NAME/VERSION")
@@ -419,7 +441,7 @@ def resolve_model(uri: str, registry: str | None = None) -> ResolvedModel:
             pass  # a registry name or path
     local = fetch_reference(uri, registry)
     metadata_file = local / METADATA_FILE
-    registry_metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    registry_metadata = parse_json(metadata_file.read_bytes(), str(metadata_file)) if metadata_file.is_file() else {}
     if registry_metadata.get("model") and registry_metadata.get("version") is not None:
         version = f"{registry_metadata['model']}/{registry_metadata['version']}"
     else:
@@ -479,12 +501,12 @@ def _resolve_path(ref: str) -> Path:
     if store.read_bytes(METADATA_FILE) is not None:  # <registry>/<model>/<version>
         parent, _, version = ref.rpartition("/")
         reg, _, model = parent.rpartition("/")
-        if not version.isdigit():
+        if not _is_version(version):
             raise RegistryError(f"{ref}: has {METADATA_FILE} but is not <registry>/<model>/<version>")
         return ModelRegistry(reg or ".").fetch(model, int(version))
     if store.read_bytes(CHECKPOINT_META) is not None:  # a checkpoint as training wrote it
         return Path(store.uri) if not store.is_s3 else checkpoint.local_copy(ref)
     reg, _, model = ref.rpartition("/")
-    if reg and any(v.isdigit() for v in store.list_dirs()):  # <registry>/<model>: its latest version
+    if reg and any(_is_version(v) for v in store.list_dirs()):  # <registry>/<model>: its latest version
         return ModelRegistry(reg).fetch(model, None)
     raise RegistryError(f"{ref}: neither a checkpoint (no {CHECKPOINT_META}) nor a registered model")

@@ -140,15 +140,33 @@ def check_writable(uri: str, run_name: str) -> None:
     """Write and delete a probe object where a run's checkpoints will go, so that an
     unwritable `storage.path` fails before the first step, not at the first checkpoint."""
     try:
-        fs, path = filesystem(uri)
-        run_dir = f"{path}/{run_name}"
-        probe = f"{run_dir}/.write-probe-{secrets.token_hex(4)}"
-        fs.create_dir(run_dir, recursive=True)
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        fs.delete_file(probe)
+        _probe_dir(f"{uri.rstrip('/')}/{run_name}")
     except (OSError, ValueError) as e:
         raise NotWritable(
             f"storage.path {uri!r} is not writable ({type(e).__name__}: {' '.join(str(e).split())}); checkpoints "
             "could not be saved there. Use a writable local directory or an s3://bucket/prefix whose bucket "
             "exists (credentials and endpoint come from AWS_* environment variables)") from None
+
+
+def _probe_dir(uri: str) -> None:
+    """Create the directory `uri` (local or s3://), then write and delete a probe object in it."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    probe = f"{path}/.write-probe-{secrets.token_hex(4)}"
+    with fs.open_output_stream(probe) as f:
+        f.write(b"ok")
+    fs.delete_file(probe)
+
+
+def check_output(uri: str | os.PathLike, option: str, is_file: bool = True) -> None:
+    """An output a command will write (a file, or a folder), checked before the command's work,
+    so that `--grid /proc/nope/grid.png` fails at once, not after the evaluation."""
+    uri = str(uri)
+    where = (uri.rsplit("/", 1)[0] if "/" in uri.rstrip("/") else ".") if is_file else uri
+    try:
+        if is_file and not is_s3(uri) and Path(uri).is_dir():
+            raise IsADirectoryError("it is a directory")
+        _probe_dir(where)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(getattr(e, "strerror", None) or e).split())[:160]
+        raise NotWritable(f"{option} {uri}: cannot be written ({reason})") from None

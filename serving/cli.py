@@ -51,6 +51,12 @@ def predict_command(
 
     if runtime not in ("onnx", "torch"):
         fail(f"--runtime: onnx or torch, got {runtime!r}")
+    from seminar.storage import NotWritable, check_output
+
+    try:
+        check_output(out, "--out", is_file=False)
+    except NotWritable as e:
+        fail(str(e))
     try:
         input_images(input_uri)  # an empty or missing folder is named before the model loads
         resolved = resolve_model(model, registry)

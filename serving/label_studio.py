@@ -48,6 +48,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from seminar import storage
+from seminar.untrusted import UntrustedJSONError, parse_json
 from serving.imaging import InputError
 
 PREFIX = "/label-studio"
@@ -268,9 +269,9 @@ def add_routes(app, service) -> None:
     async def body(request: Request) -> dict:
         data = await service.receive(request, MAX_BODY_BYTES, json_body=True)
         try:
-            payload = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(400, "invalid_json", f"body: not JSON ({e})") from None
+            payload = parse_json(data, "body")
+        except UntrustedJSONError as e:
+            raise InputError(400, "invalid_json", str(e)) from None
         if not isinstance(payload, dict):
             raise InputError(400, "invalid_json", "body: a JSON object expected")
         return payload

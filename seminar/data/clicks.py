@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from seminar import storage
 from seminar.data.base import IGNORE_INDEX
+from seminar.untrusted import UntrustedJSONError, parse_json
 
 CLICK_SCHEMA = pa.schema(
     [
@@ -129,8 +130,8 @@ def empty_image_ids(table: pa.Table, path: str = "click table") -> list[str]:
     if not raw:
         return []
     try:
-        ids = json.loads(raw)
-    except (ValueError, RecursionError):
+        ids = parse_json(raw, path)
+    except UntrustedJSONError:
         ids = None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ClickFileError(f"{path}: schema metadata '{EMPTY_IMAGES_KEY.decode()}' is not a JSON list of image ids")
@@ -185,13 +186,9 @@ def read_wtp_json(path: str, source: str) -> pa.Table:
         line = raw[:e.start].count(b"\n") + 1
         raise ClickFileError(f"{path}: line {line}: not UTF-8 (byte {e.start})") from None
     try:
-        data = json.loads(text, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as e:
-        raise ClickFileError(f"{path}: not valid JSON: {e}") from None
-    except RecursionError:
-        raise ClickFileError(f"{path}: nested too deep for a click file") from None
-    except ClickFileError as e:
-        raise ClickFileError(f"{path}: {e}") from None
+        data = parse_json(text, path, object_pairs_hook=_unique_keys)  # a key listed twice: refused there too
+    except UntrustedJSONError as e:
+        raise ClickFileError(str(e)) from None
     if not isinstance(data, dict):
         raise ClickFileError(f"{path}: expected a JSON object mapping image ids to click lists")
     ids, xs, ys, classes, ranks, empty = [], [], [], [], [], []

@@ -226,6 +226,8 @@ def _load_click_tables(
     tables = []
     for path in [p for p in [cfg.clicks, *cfg.extra_clicks] if p]:
         table = load_clicks(path)
+        if table.num_rows == 0:  # a run "from clicks" that has none would train on nothing
+            raise DatasetError(f"{path}: the click table holds no clicks (0 rows)")
         validate_clicks(table, num_classes, known_ids, path=path)
         tables.append(table)
     merged = concat_click_tables(tables)
