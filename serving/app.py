@@ -59,6 +59,7 @@ from seminar.registry import resolve_model
 from serving.batching import PixelBudget, QueuedImage, batch_cost, predict_batch
 from serving.committee import Committee, suggested_clicks
 from serving.imaging import (
+    MAX_CLICKS_PER_REQUEST,
     RLE_CONVENTION,
     InputError,
     check_declared_type,
@@ -116,7 +117,7 @@ class ClickBatch(BaseModel):
                           description="the image's id in the training data (a folder dataset: its file stem)")
     width: int = Field(ge=1, le=65535)
     height: int = Field(ge=1, le=65535)
-    clicks: list[Click] = Field(min_length=1, max_length=1000)
+    clicks: list[Click] = Field(min_length=1, max_length=MAX_CLICKS_PER_REQUEST)
 
 
 @dataclass

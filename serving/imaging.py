@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 # Declared types we accept for a raw body; the bytes are sniffed whatever is declared.
 ACCEPTED_CONTENT_TYPES = ("image/jpeg", "image/jpg", "image/pjpeg", "image/png", "application/octet-stream")
 SUPPORTED_FORMATS = ("JPEG", "PNG")
+MAX_CLICKS_PER_REQUEST = 1000  # one POST /v1/clicks, or one Label Studio annotation through the webhook
 
 # How the JSON answer's masks are run-length encoded (also stated in every JSON answer).
 RLE_CONVENTION = (

@@ -33,8 +33,9 @@ own encoder (tests/data/label_studio_rle.json).
 from __future__ import annotations
 
 import asyncio
-import json
+import ipaddress
 import os
+import socket
 import re
 import urllib.error
 import urllib.parse
@@ -49,7 +50,7 @@ from fastapi.responses import JSONResponse
 
 from seminar import storage
 from seminar.untrusted import UntrustedJSONError, parse_json
-from serving.imaging import InputError
+from serving.imaging import MAX_CLICKS_PER_REQUEST, InputError
 
 PREFIX = "/label-studio"
 ROUTES = tuple(f"{PREFIX}/{name}" for name in ("health", "setup", "predict", "webhook"))
@@ -162,20 +163,58 @@ def fetch_image(ref: str, label_studio_url: str | None, max_bytes: int, timeout_
             url = urllib.parse.urljoin(label_studio_url.rstrip("/") + "/", ref.lstrip("/"))
         elif urllib.parse.urlsplit(ref).scheme not in ("http", "https"):
             raise InputError(422, "image_unreachable", f"{ref}: not an http(s) URL, s3:// URI or Label Studio path")
+        check_image_host(url, label_studio_url)
+        request = urllib.request.Request(url, headers=headers)
         key = os.environ.get(API_KEY_ENV)
-        if key and label_studio_url and urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(label_studio_url).netloc:
-            # as Label Studio's SDK does: a personal access token (a JWT) as Bearer, a legacy token as Token
-            headers["Authorization"] = f"{'Bearer' if key.count('.') == 2 else 'Token'} {key}"
+        if key and _is_label_studio(url, label_studio_url):
+            # as Label Studio's SDK does: a personal access token (a JWT) as Bearer, a legacy token as
+            # Token; never carried along a redirect to another host
+            request.add_unredirected_header("Authorization", f"{'Bearer' if key.count('.') == 2 else 'Token'} {key}")
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as answer:
+            opener = urllib.request.build_opener(_CheckedRedirects(label_studio_url))
+            with opener.open(request, timeout=timeout_s) as answer:
                 data = answer.read(max_bytes + 1)
-        except urllib.error.HTTPError as e:
-            raise InputError(422, "image_unreachable", f"{url}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.HTTPError as e:  # the status alone: the other side's words are not repeated
+            raise InputError(422, "image_unreachable", f"{url}: HTTP {e.code}") from None
         except (urllib.error.URLError, OSError) as e:
             raise InputError(422, "image_unreachable", f"{url}: {getattr(e, 'reason', e)}") from None
     if len(data) > max_bytes:
         raise InputError(413, "image_too_large", f"{ref}: larger than {max_bytes} bytes")
     return data
+
+
+def _is_label_studio(url: str, label_studio_url: str | None) -> bool:
+    return bool(label_studio_url) and urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(label_studio_url).netloc
+
+
+def check_image_host(url: str, label_studio_url: str | None) -> None:
+    """A task image URL must name a public host, or Label Studio's own (`serving.label_studio_url`):
+    a task is anyone's text, and a URL to loopback, link-local or private addresses would make
+    the endpoint probe the services beside it."""
+    if _is_label_studio(url, label_studio_url):
+        return
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        found = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise InputError(422, "image_unreachable", f"{url}: host {host!r} not found") from None
+    for *_, address in found:
+        ip = ipaddress.ip_address(address[0].split("%")[0])
+        if not ip.is_global:
+            raise InputError(422, "image_refused", f"{url}: {host} is not a public address ({ip}); task images come "
+                                                   f"from public hosts or serving.label_studio_url")
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed only to hosts a task image may name."""
+
+    def __init__(self, label_studio_url: str | None):
+        self.label_studio_url = label_studio_url
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_image_host(newurl, self.label_studio_url)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def image_id(ref: str) -> str:
@@ -215,6 +254,10 @@ def annotation_clicks(payload: dict, classes: tuple[str, ...] | list[str]) -> tu
     results = annotation.get("result") or []
     if not isinstance(results, list):
         raise InputError(422, "invalid_webhook", "annotation.result: a list of regions expected")
+    points = sum(1 for region in results if isinstance(region, dict) and region.get("type") == "keypointlabels")
+    if points > MAX_CLICKS_PER_REQUEST:
+        raise InputError(413, "too_many_clicks", f"annotation.result: {points} key points; at most "
+                                                 f"{MAX_CLICKS_PER_REQUEST} a request, as POST /v1/clicks takes")
     clicks, names = [], set()
     for n, region in enumerate(results):
         where = f"annotation.result.{n}"

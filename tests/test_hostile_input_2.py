@@ -134,3 +134,60 @@ def test_a_bad_entry_does_not_break_the_model_listing(tmp_path):
     shown = runner.invoke(app, ["models", "show", "deep", "--registry", str(tmp_path)])
     assert shown.exit_code == 1 and shown.output.startswith("error:") and "levels deep" in shown.output
     assert "Traceback" not in shown.output and len(shown.output.strip().splitlines()) == 1, shown.output
+
+
+def test_label_studio_redirects_to_private_hosts_are_refused_and_keep_no_key(monkeypatch):
+    """Label Studio's own host may redirect, but not to an address a task may not name, and its
+    key never travels along a redirect; the other side's words are not repeated."""
+    import http.server
+    import threading
+
+    from serving.imaging import InputError
+    from serving.label_studio import fetch_image
+
+    seen = []
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(dict(self.headers))
+            target = {"/private": "http://10.0.0.7/x.png", "/same": "/secret"}.get(self.path)
+            self.send_response(302 if target else 500, "internal detail 42")
+            if target:
+                self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "secret-key")
+    try:
+        with pytest.raises(InputError, match=r"http://10\.0\.0\.7/x\.png: 10\.0\.0\.7 is not a public address"):
+            fetch_image("/private", url, 10**6, 5)
+        assert seen[-1]["Authorization"] == "Token secret-key"
+        with pytest.raises(InputError) as failed:
+            fetch_image("/same", url, 10**6, 5)  # on to /secret, which answers 500
+        assert str(failed.value).endswith("/same: HTTP 500") and "internal detail" not in str(failed.value)
+        assert "Authorization" not in seen[-1]  # the redirected request carried no key
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_one_click_cap_for_the_webhook_and_the_clicks_route():
+    from serving.app import ClickBatch
+    from serving.imaging import MAX_CLICKS_PER_REQUEST, InputError
+    from serving.label_studio import annotation_clicks
+
+    point = {"type": "keypointlabels", "to_name": "image", "original_width": 10, "original_height": 10,
+             "value": {"x": 5, "y": 5, "keypointlabels": ["a"]}}
+    payload = {"task": {"data": {"image": "/data/upload/1/x.png"}}, "annotation": {"result": [point] * 1001}}
+    with pytest.raises(InputError, match="1001 key points; at most 1000") as refused:
+        annotation_clicks(payload, ["background", "a"])
+    assert refused.value.status == 413
+    payload["annotation"]["result"] = [point] * MAX_CLICKS_PER_REQUEST
+    assert len(annotation_clicks(payload, ["background", "a"])[1]) == MAX_CLICKS_PER_REQUEST
+    assert any(getattr(m, "max_length", None) == MAX_CLICKS_PER_REQUEST for m in ClickBatch.model_fields["clicks"].metadata)

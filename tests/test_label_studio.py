@@ -93,10 +93,15 @@ def test_task_images_come_from_label_studio_with_its_key_only(label_studio_files
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "secret-key")
     assert fetch_image("/data/upload/3/0a1b2c3d-street.png", url, 10**6, 5) == png
     assert fetch_image(f"{url}/data/upload/3/0a1b2c3d-street.png", url, 10**6, 5) == png
-    # elsewhere the key is not sent: this server then refuses
-    with pytest.raises(InputError, match="HTTP 401"):
-        fetch_image(f"{url}/data/upload/3/0a1b2c3d-street.png", "http://label-studio.example", 10**6, 5)
-    assert "Authorization" not in seen[-1]
+    # a loopback host that is not Label Studio's is not asked at all (a task could probe the
+    # services beside the endpoint), nor is any private, link-local or unspecified address
+    asked = len(seen)
+    for ref in (f"{url}/data/upload/3/0a1b2c3d-street.png", "http://10.1.2.3/x.png", "http://169.254.169.254/latest",
+                "http://[::1]:9/x.png", "http://0.0.0.0/x.png"):
+        with pytest.raises(InputError, match="is not a public address") as refused:
+            fetch_image(ref, "http://label-studio.example", 10**6, 5)
+        assert refused.value.status == 422
+    assert len(seen) == asked
     # a personal access token (a JWT) goes as Bearer
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "eyJh.eyJ0.c2ln")
     with pytest.raises(InputError, match="HTTP 401"):
@@ -108,7 +113,7 @@ def test_task_images_come_from_label_studio_with_its_key_only(label_studio_files
         ("/data/upload/3/0a1b2c3d-street.png", None, 10**6, 422, "serving.label_studio_url is not set"),
         ("/data/upload/3/0a1b2c3d-street.png", url, 100, 413, "larger than 100 bytes"),
         ("ftp://host/x.png", url, 10**6, 422, "not an http(s) URL"),
-        ("http://127.0.0.1:1/x.png", url, 10**6, 422, "127.0.0.1:1/x.png"),
+        ("http://127.0.0.1:1/x.png", url, 10**6, 422, "127.0.0.1:1/x.png: 127.0.0.1 is not a public address"),
     ]:
         with pytest.raises(InputError, match=re.escape(words)) as refused:
             fetch_image(ref, base, limit, 5)
