@@ -211,7 +211,8 @@ class ResourcesConfig(Strict):
     replicas_per_student: int = Field(1, ge=1, le=64)
     gpus_per_worker: float = Field(0, ge=0, le=8)
     cpus_per_worker: float = Field(1, gt=0, le=256)
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: fitted)")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads per worker (None = the CPUs "
+                                      "the process may use: its affinity, cgroup quota and Ray's allotment)")
     loader_workers: int = Field(1, ge=0, le=64, description="data-loading processes per worker (0 = in the loop)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="--in-process: where the students train (auto = cuda when there is one); on Ray, "

@@ -15,11 +15,13 @@ store. Nothing here imports Ray.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -40,6 +42,26 @@ from .metrics import ENSEMBLE_MIOU, SERVED_IOU, SERVED_MIOU, ConfusionMatrix, st
 from .models import Ensemble, build_model
 
 Reporter = Callable[[dict[str, float], "str | None"], None]
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: the least of its CPU affinity, its cgroup's CPU quota
+    (a container's share) and OMP_NUM_THREADS (Ray's allotment to a worker). torch's default
+    counts the machine's cores, and threads beyond the process's share wait for one."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isascii() and omp.isdigit() and int(omp) > 0:
+        cpus = min(cpus, int(omp))
+    return max(1, cpus)
 
 
 @dataclass
@@ -305,8 +327,7 @@ def run_schedule(schedule: ScheduleConfig, steps: int, start: int, train_step: C
 def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None, report: Reporter,
                  resume_from: str | None = None) -> dict[str, float]:
     """Train the students in `ctx.students` for `cfg.optim.steps` steps; see the module doc."""
-    if cfg.resources.torch_threads:
-        torch.set_num_threads(cfg.resources.torch_threads)
+    torch.set_num_threads(cfg.resources.torch_threads or usable_cpus())
     optim = cfg.optim
     train_set = build_dataset(cfg.data, cfg.data.train_split)
     val_set = build_dataset(cfg.data, cfg.data.val_split)

@@ -417,3 +417,36 @@ def test_label_efficiency_study_prints_the_table_saves_the_plot_and_resumes(tmp_
     again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and ": done" not in again.stdout
     assert re.findall(r"^\| (?:4|16) \|.*$", again.stdout, re.M) == re.findall(r"^\| (?:4|16) \|.*$", first.stdout, re.M)
+
+
+def test_training_threads_fit_the_cpus_the_process_may_use(monkeypatch, tmp_path):
+    import os
+
+    import seminar.engine as engine
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(engine, "CGROUP_CPU_MAX", cpu_max)
+    assert engine.usable_cpus() == 8  # no cgroup file: the affinity
+    cpu_max.write_text("max 100000\n")
+    assert engine.usable_cpus() == 8
+    cpu_max.write_text("250000 100000\n")  # a container's 2.5 CPUs
+    assert engine.usable_cpus() == 2
+    cpu_max.write_text("50000 100000\n")
+    assert engine.usable_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Ray's allotment to a worker of one CPU
+    cpu_max.write_text("max 100000\n")
+    assert engine.usable_cpus() == 1
+
+
+@pytest.mark.parametrize("given, expected", [(None, "passive"), ("active", "active")])
+def test_the_command_makes_openmp_wait_passively_unless_told_otherwise(given, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
+    out = subprocess.run([sys.executable, "-c", "import jobs.main, os, torch; print(os.environ['OMP_WAIT_POLICY'])"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == [expected], out.stderr
