@@ -27,9 +27,10 @@ row_flags() {
   case $1 in
     full)    echo "$one_student|method.supervision=dense|method.w_ts=0|method.w_ss=0" ;;
     pce)     echo "$one_student|method.w_ts=0|method.w_ss=0" ;;
-    mt)      echo "$one_student|method.w_ss=0" ;;
+    mt)      echo "$one_student|method.w_ss=0|method.w_ts=1" ;;  # camvid.yaml's w_ts is 0 since session 12
     cps)     echo "method.w_ts=0|method.pseudo_from=student" ;;
-    seminar) echo "" ;;
+    seminar) echo "" ;;  # camvid.yaml's defaults (since session 12: w_ts 0, CutMix 0.5, ss_class_fraction 0.5)
+    seminar_s4) echo "method.w_ts=1|method.cutmix_prob=0|method.ss_class_fraction=0" ;;  # session 4's seminar row
     # ablations
     pce2)         echo "method.w_ts=0|method.w_ss=0" ;;  # both students, independent: their ensemble
     pce_pixel)    echo "$one_student|method.w_ts=0|method.w_ss=0|method.sup_norm=pixel" ;;
@@ -38,7 +39,7 @@ row_flags() {
     seminar_frac) echo "method.ss_class_fraction=0.5|method.tau=0.7" ;;
     seminar_ema95) echo "method.ema_decay=0.95" ;;
     seminar_nots) echo "method.w_ts=0" ;;
-    mt_ema95)     echo "$one_student|method.w_ss=0|method.ema_decay=0.95" ;;
+    mt_ema95)     echo "$one_student|method.w_ss=0|method.w_ts=1|method.ema_decay=0.95" ;;
     pce_mild)     echo "$one_student|students.0.augment=$mild|method.w_ts=0|method.w_ss=0" ;;
     pce_noaug)    echo "$one_student|students.0.augment=$none|method.w_ts=0|method.w_ss=0" ;;
     pce2_mild)    echo "students.0.augment=$mild|method.w_ts=0|method.w_ss=0" ;;
