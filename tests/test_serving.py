@@ -625,9 +625,11 @@ def test_prometheus_metrics(exported_metrics):
         if sample.name.endswith("_total"):
             answered[sample.labels["route"], sample.labels["status"]] += sample.value
     assert answered["/v1/segment", "200"] >= 3 and answered["/v1/segment", "400"] >= 1, answered
-    # every series names its app's model (the committee app of this module is the other one)
-    versions = {s.labels["model_version"] for f in families.values() for s in f.samples if "model_version" in s.labels}
-    assert "shapes/1" in versions and versions <= {"shapes/1", "committee-test@0"}
+    # every series names its app's model (Ray's exporter also keeps the series of apps that
+    # other tests served on this cluster before: their versions are theirs, not checked here)
+    assert all(s.labels.get("model_version") for f in families.values() for s in f.samples), families
+    versions = {s.labels["model_version"] for f in families.values() for s in f.samples}
+    assert {"shapes/1", "committee-test@0"} & versions and "shapes/1" in versions, versions
     for name in ("ray_seminar_serve_request_seconds", "ray_seminar_serve_image_megapixels",
                  "ray_seminar_serve_batch_images", "ray_seminar_serve_batch_megapixels"):
         assert families[name].type == "histogram", name
