@@ -14,7 +14,6 @@ Ctrl-C; with --address it deploys onto that cluster (add --detach to leave it ru
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -113,8 +112,6 @@ def serve_command(
     name: str = typer.Option("seminar", help="Serve application name"),
     route_prefix: str = typer.Option("/", help="URL prefix of the application"),
     detach: bool = typer.Option(False, help="deploy and exit, leaving the application running (needs --address)"),
-    startup_timeout: float = typer.Option(300, "--startup-timeout", min=0.001, help="seconds Ray and Serve get to "
-                                          "start and deploy the model (a busy machine needs more than a quiet one)"),
 ) -> None:
     """Serve a trained model over HTTP (Ray Serve + FastAPI): POST /v1/segment, GET /v1/model, a web page at /."""
     from pydantic import ValidationError
@@ -142,38 +139,19 @@ def serve_command(
 
     from serving.app import ServeArgs, build_app
 
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+
     def stop(signum, frame):  # SIGTERM (a service manager, `kill`) stops it as Ctrl-C does
         raise KeyboardInterrupt
 
-    def start() -> None:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(ServeArgs(model=model, which=which, registry=registry, serving=cfg)), name=name,
-                  route_prefix=route_prefix)
-
     signal.signal(signal.SIGTERM, stop)
     try:
-        # Start-up is bounded and named: on a busy machine Serve's proxy can miss its health
-        # checks; the command then says so in one line instead of a traceback or a hang.
-        failed: list[BaseException] = []
-
-        def starting() -> None:
-            try:
-                start()
-            except Exception as e:  # noqa: BLE001 - Ray's errors of a failed start (ActorDiedError, RuntimeError, ...)
-                failed.append(e)
-
-        thread = threading.Thread(target=starting, name="serve-start", daemon=True)  # not waited for at exit
-        thread.start()
-        thread.join(startup_timeout)
-        if thread.is_alive():
-            fail(f"Serve did not start and deploy {model} within --startup-timeout {startup_timeout:g} s", code=1)
-        if failed:
-            first = next((line for line in str(failed[0]).splitlines() if line.strip()), "")
-            fail(f"Serve did not start: {type(failed[0]).__name__}: {first[:300]}", code=1)
+        serve.start(http_options={"host": host, "port": port})
+        args = ServeArgs(model=model, which=which, registry=registry, serving=cfg)
+        serve.run(build_app(args), name=name, route_prefix=route_prefix)
         url = f"http://{host}:{port}{route_prefix.rstrip('/')}/"
         console.print(f"serving [bold]{resolved.version}[/] at {url}  (POST {url}v1/segment, page at {url})", soft_wrap=True)
         if detach:
@@ -184,6 +162,6 @@ def serve_command(
     except KeyboardInterrupt:
         pass
     finally:
-        if not detach and ray.is_initialized():
+        if not detach:
             serve.shutdown()
             ray.shutdown()
