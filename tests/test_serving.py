@@ -276,10 +276,11 @@ def post_image(server: str, data: bytes, fmt: str = "png", content_type: str = "
 RETRY_LIMIT_S = 300  # a hang guard for clients that retry after a 503, not a measurement
 
 
-def post_until_answered(post, limit_s: float = RETRY_LIMIT_S) -> tuple[requests.Response, int]:
+def post_until_answered(post) -> tuple[requests.Response, int]:
     """A client that retries after a 503 as its Retry-After says (the endpoint's contract under
-    overload): (the first answer that is not a 503, how many 503s came before it)."""
-    deadline = time.monotonic() + limit_s
+    overload): (the first answer that is not a 503, how many 503s came before it). A client
+    that never gets an answer is a hang, which pytest-timeout names; how long the retries
+    took is bench/serve.py's figure, not an assertion here."""
     busy = 0
     while True:
         answer = post()
@@ -287,7 +288,6 @@ def post_until_answered(post, limit_s: float = RETRY_LIMIT_S) -> tuple[requests.
             return answer, busy
         busy += 1
         assert float(answer.headers["retry-after"]) > 0, answer.headers
-        assert time.monotonic() < deadline, f"still 503 after {limit_s} s of retries: {answer.text}"
         time.sleep(float(answer.headers["retry-after"]))
 
 
