@@ -12,7 +12,9 @@ check, naming the spec field each time:
   - the datasets build: every image and mask decodes, masks hold known classes;
   - the sweep: every swept field exists in the spec and every value it can take is valid.
 
-Remote paths (s3://) are left to the cluster, which reads them with its own credentials.
+A remote dataset root (s3://...) is checked too, with this machine's credentials: listed
+once, its split files and click tables read, its images left to the workers that read
+them. Other remote paths (pretrained weights, click files) are left to the dataset build.
 """
 
 from __future__ import annotations
@@ -162,16 +164,17 @@ def check_init(cfg: TrainConfig) -> list[str]:
 
 
 def check_datasets(cfg: TrainConfig) -> list[str]:
-    """The training and validation sets build: every image and mask decodes (see
-    `seminar.data.datasets`), the splits list images, the clicks fit them."""
-    if _is_remote(cfg.data.root or ""):
-        return []
+    """The training and validation sets build: the splits list images that exist, the
+    clicks name them; every image and mask decodes (a local root; a remote one is listed
+    once, its split files and click tables read, its images checked as workers read them:
+    see `seminar.data.datasets`)."""
     from .data import ClickFileError, DatasetError, build_dataset
 
     problems = []
-    for field, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+    for field, split, clicks in (("data.train_split", cfg.data.train_split, True),
+                                 ("data.val_split", cfg.data.val_split, False)):
         try:
-            build_dataset(cfg.data, split)
+            build_dataset(cfg.data, split, clicks=clicks)
         except (DatasetError, ClickFileError) as e:
             problems.append(f"{field} ({split}): {e}")
     return problems

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint, registry
 from .config import ScheduleConfig, TrainConfig
 from .data import build_dataset
-from .data.base import IGNORE_INDEX
+from .data.base import IGNORE_INDEX, DatasetError
 from .data.inspect import ClickPurity
 from .data.transforms import SeminarViews
 from .exchange import CompactPrediction, Exchange
@@ -240,8 +240,14 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def iterate_batches(dataset: StepBatches, workers: int) -> Iterator[dict[str, torch.Tensor]]:
-    yield from torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                           persistent_workers=False, prefetch_factor=2 if workers else None)
+    """The batches, loaded `workers` processes ahead (prefetch: a step does not wait for a
+    remote dataset's files once they are cached, nor for decoding)."""
+    try:
+        yield from torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                               persistent_workers=False, prefetch_factor=2 if workers else None)
+    except DatasetError as e:  # a file gone or unreadable mid-run: its one line, not the worker's traceback
+        raise DatasetError(str(e).strip().splitlines()[-1].removeprefix(f"{DatasetError.__module__}.DatasetError: ")
+                           ) from None
 
 
 @torch.no_grad()
@@ -330,7 +336,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, exchange: Exchange | None
     torch.set_num_threads(cfg.resources.torch_threads or usable_cpus())
     optim = cfg.optim
     train_set = build_dataset(cfg.data, cfg.data.train_split)
-    val_set = build_dataset(cfg.data, cfg.data.val_split)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, clicks=False)
     info = train_set.info
     views = SeminarViews(cfg.data.crop_size, cfg.data.scale_range, cfg.data.click_radius,
                          [s.augment for s in cfg.students], seed=optim.seed)

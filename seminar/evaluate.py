@@ -26,7 +26,7 @@ class Evaluation:
 
 
 def evaluate_checkpoint(segmenter: Segmenter, data: DataConfig, split: str) -> Evaluation:
-    dataset = build_dataset(data, split)
+    dataset = build_dataset(data, split, clicks=False)
     if dataset.info.num_classes != len(segmenter.classes):
         raise ValueError(f"the model has {len(segmenter.classes)} classes, the {data.dataset} data "
                          f"{dataset.info.num_classes}")
@@ -67,7 +67,7 @@ def save_grid(segmenter: Segmenter, data: DataConfig, split: str, path: str | Pa
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    dataset = build_dataset(data, split)
+    dataset = build_dataset(data, split, clicks=False)
     count = min(count, len(dataset))
     num_classes = len(segmenter.classes)
     rows = []

@@ -12,6 +12,10 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file (and pixel) at fault."""
+
+
 @dataclass
 class Sample:
     """One image with its annotations, in original (or load-scaled) pixels."""

@@ -12,8 +12,10 @@ the first bad pixel.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import functools
 import zlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from seminar.config import DataConfig
-from seminar.data.base import IGNORE_INDEX, DatasetInfo, Sample
+from seminar.data.base import IGNORE_INDEX, DatasetError, DatasetInfo, Sample
+from seminar.data.files import DataFile, DataRoot, local_file
 from seminar.data.transforms import resize_image
 from seminar.data.clicks import (
     ClickFit,
@@ -53,10 +56,6 @@ CAMVID_PALETTE = (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be used; the message names the file (and pixel) at fault."""
-
-
 def voc_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
     """The standard VOC colour map (bits of the class id spread over R, G, B)."""
     colours = []
@@ -72,95 +71,101 @@ def voc_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
 
 
 # ---------------------------------------------------------------------------------------
-# Reading and checking files.
+# Reading and checking files (`DataFile`s of a local or remote root: seminar.data.files).
 
 
-def _open(path: Path, what: str = "image") -> Image.Image:
-    try:
-        return Image.open(path)
-    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-        raise DatasetError(f"{path}: not a readable {what} ({' '.join(str(e).split())[:160]})") from None
+@contextlib.contextmanager
+def _opened(f: DataFile, what: str = "image") -> Iterator[Image.Image]:
+    with f.open() as fh:
+        try:
+            im = Image.open(fh)
+        except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+            raise DatasetError(f"{f.name}: not a readable {what} ({' '.join(str(e).split())[:160]})") from None
+        with im:
+            yield im
 
 
-def _decoded(im: Image.Image, path: Path, what: str) -> Image.Image:
+def _decoded(im: Image.Image, f: DataFile, what: str) -> Image.Image:
     try:
         im.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt
-        raise DatasetError(f"{path}: {what} does not decode ({' '.join(str(e).split())[:160]})") from None
+        raise DatasetError(f"{f.name}: {what} does not decode ({' '.join(str(e).split())[:160]})") from None
     return im
 
 
-def read_image(path: Path) -> np.ndarray:
-    with _open(path) as im:
-        return np.asarray(_decoded(im, path, "image").convert("RGB"))
+def read_image(f: DataFile | Path) -> np.ndarray:
+    f = local_file(f) if isinstance(f, Path) else f
+    with _opened(f) as im:
+        return np.asarray(_decoded(im, f, "image").convert("RGB"))
 
 
-def image_size(path: Path) -> tuple[int, int]:
+def image_size(f: DataFile) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
-    with _open(path) as im:
+    with _opened(f) as im:
         return im.height, im.width
 
 
 @functools.lru_cache(maxsize=None)
-def _decodes(path: Path, stat: tuple[int, int]) -> tuple[int, int]:
-    with _open(path) as im:
-        return _decoded(im, path, "image").height, im.width
-
-
-def checked_image_size(path: Path) -> tuple[int, int]:
+def checked_image_size(f: DataFile) -> tuple[int, int]:
     """(height, width) of an image that decodes in full; once per file version and process."""
-    st = path.stat()
-    return _decodes(path, (st.st_mtime_ns, st.st_size))
+    with _opened(f) as im:
+        return _decoded(im, f, "image").height, im.width
 
 
-def read_index_png(path: Path) -> np.ndarray:
+def read_index_png(f: DataFile) -> np.ndarray:
     """A mask PNG of class ids: palette (VOC) or greyscale (CamVid), never colour."""
-    with _open(path, "mask") as im:
+    with _opened(f, "mask") as im:
         if im.mode not in ("P", "L"):
-            raise DatasetError(f"{path}: mask is a {im.mode} image; expected class ids (palette or greyscale PNG)")
-        return np.array(_decoded(im, path, "mask"))
+            raise DatasetError(f"{f.name}: mask is a {im.mode} image; expected class ids (palette or greyscale PNG)")
+        return np.array(_decoded(im, f, "mask"))
 
 
-def image_sizes(image_ids: list[str], paths: list[Path]) -> dict[str, tuple[int, int]]:
-    """Every image's (height, width): decoded in full for sets up to CHECK_LIMIT images."""
-    size = checked_image_size if len(paths) <= CHECK_LIMIT else image_size
-    return {i: size(p) for i, p in zip(image_ids, paths)}
+def image_sizes(image_ids: list[str], files: list[DataFile]) -> dict[str, tuple[int, int]] | None:
+    """Every image's (height, width): decoded in full for sets up to CHECK_LIMIT images.
+    None for a remote root: each worker reads only the images its batches need, so images
+    are checked (and their clicks fitted) when read."""
+    if files and files[0].root.remote:
+        return None
+    size = checked_image_size if len(files) <= CHECK_LIMIT else image_size
+    return {i: size(f) for i, f in zip(image_ids, files)}
 
 
-def read_sbd_mask(path: Path) -> np.ndarray:
-    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+def read_sbd_mask(f: DataFile) -> np.ndarray:
+    with f.open() as fh:
+        mat = scipy.io.loadmat(fh, squeeze_me=True, struct_as_record=False)
     return np.asarray(mat["GTcls"].Segmentation, np.uint8)
 
 
-def check_mask(mask: np.ndarray, num_classes: int, path: Path, size: tuple[int, int] | None = None) -> None:
+def check_mask(mask: np.ndarray, num_classes: int, f: DataFile, size: tuple[int, int] | None = None) -> None:
     """Raise unless the mask holds only 0..num_classes-1 and IGNORE_INDEX (and has `size`)."""
     if size is not None and mask.shape != size:
-        raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
+        raise DatasetError(f"{f.name}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
     bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
         raise DatasetError(
-            f"{path}: unexpected mask value {mask[row, col]} at pixel (row {row}, col {col}); "
+            f"{f.name}: unexpected mask value {mask[row, col]} at pixel (row {row}, col {col}); "
             f"expected 0..{num_classes - 1} or {IGNORE_INDEX} (ignore)"
         )
 
 
-def _first_missing(paths: list[Path], what: str) -> None:
-    missing = [p for p in paths if not p.is_file()]
+def _files(root: DataRoot, keys: list[str], what: str) -> list[DataFile]:
+    missing = [k for k in keys if not root.is_file(k)]
     if missing:
-        raise DatasetError(f"{missing[0]}: {what} not found ({len(missing)} missing)")
+        raise DatasetError(f"{root.name(missing[0])}: {what} not found ({len(missing)} missing)")
+    return [root.file(k) for k in keys]
 
 
-def _read_split(path: Path, limit: int | None) -> list[str]:
-    if not path.is_file():
-        raise DatasetError(f"{path}: split file not found")
+def _read_split(root: DataRoot, key: str, limit: int | None) -> list[str]:
+    if not root.is_file(key):
+        raise DatasetError(f"{root.name(key)}: split file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = root.read_bytes(key).decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 (byte {e.start})") from None
+        raise DatasetError(f"{root.name(key)}: not UTF-8 (byte {e.start})") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()][:limit]
     if not lines:
-        raise DatasetError(f"{path}: the split lists no images")
+        raise DatasetError(f"{root.name(key)}: the split lists no images")
     return lines
 
 
@@ -202,7 +207,7 @@ class SegmentationDataset(Dataset):
     image_ids: list[str]
     clicked: np.ndarray  # bool per image
     load_scale: float = 1.0
-    click_fit: ClickFit  # stray clicks clipped onto / dropped from their image at construction
+    click_fit: ClickFit | None  # stray clicks clipped / dropped when fitted to their images (None: remote, fitted as read)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -230,20 +235,29 @@ def _load_click_tables(
             raise DatasetError(f"{path}: the click table holds no clicks (0 rows)")
         validate_clicks(table, num_classes, known_ids, path=path)
         tables.append(table)
+    if not tables:  # a set to score on (build_dataset clicks=False)
+        return {}, []
     merged = concat_click_tables(tables)
     return clicks_by_image(merged), click_sources(merged)
 
 
 def _fit_all(
-    clicks: dict[str, np.ndarray], image_ids: list[str], sizes: dict[str, tuple[int, int]]
-) -> tuple[dict[str, np.ndarray], ClickFit]:
-    """Clicks of the split's images, fitted to their images; plus the clip/drop count."""
-    fitted, total = {}, ClickFit()
+    clicks: dict[str, np.ndarray], image_ids: list[str], sizes: dict[str, tuple[int, int]] | None
+) -> tuple[dict[str, np.ndarray], ClickFit | None]:
+    """The split's images' clicks, and what fitting them to their images clips and drops
+    (None while the sizes are unknown: a remote root). `load` fits them (`_fitted`), so an
+    image reads the same from a local and a remote copy."""
+    mine = {i: clicks.get(i, np.zeros((0, 3), np.float32)) for i in image_ids}
+    if sizes is None:
+        return mine, None
+    total = ClickFit()
     for image_id in image_ids:
-        mine = clicks.get(image_id, np.zeros((0, 3), np.float32))
-        fitted[image_id], fit = fit_clicks_to_image(mine, *sizes[image_id])
-        total = total + fit
-    return fitted, total
+        total = total + fit_clicks_to_image(mine[image_id], *sizes[image_id])[1]
+    return mine, total
+
+
+def _fitted(clicks: np.ndarray, image: np.ndarray) -> np.ndarray:
+    return fit_clicks_to_image(clicks, *image.shape[:2])[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,16 +369,16 @@ class VOCDataset(SegmentationDataset):
     """
 
     def __init__(self, cfg: DataConfig, split: str, limit: int | None = None):
-        root = Path(cfg.root)
-        self.image_ids = _read_split(root / "ImageSets" / "Segmentation" / f"{split}.txt", limit)
-        self.image_paths = [root / "JPEGImages" / f"{i}.jpg" for i in self.image_ids]
-        _first_missing(self.image_paths, "image")
-        self.mask_paths = [self._find_mask(root, cfg.sbd_root, i) for i in self.image_ids]
+        root = DataRoot(cfg.root)
+        sbd = DataRoot(cfg.sbd_root) if cfg.sbd_root else None
+        self.image_ids = _read_split(root, f"ImageSets/Segmentation/{split}.txt", limit)
+        self.image_paths = _files(root, [f"JPEGImages/{i}.jpg" for i in self.image_ids], "image")
+        self.mask_paths = [self._find_mask(root, sbd, i) for i in self.image_ids]
         self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
         self.clicks_per_class = cfg.simulated_clicks_per_class
         self.num_classes = len(VOC_CLASSES)
         sizes = image_sizes(self.image_ids, self.image_paths)
-        if len(self.image_ids) <= CHECK_LIMIT:
+        if sizes is not None and len(self.image_ids) <= CHECK_LIMIT:
             for image_id, path in zip(self.image_ids, self.mask_paths):
                 if path is not None:
                     self._read_mask(path, sizes[image_id])
@@ -374,7 +388,7 @@ class VOCDataset(SegmentationDataset):
         if self.simulate_all:
             self.clicks, self.click_fit, source = {}, ClickFit(), "simulated"
         else:
-            known = {p.stem for p in (root / "JPEGImages").iterdir()}
+            known = {Path(name).stem for name in root.names("JPEGImages")}
             clicks, sources = _load_click_tables(cfg, self.num_classes, known)
             self.clicks, self.click_fit = _fit_all(clicks, self.image_ids, sizes)
             if self.simulate_background:
@@ -387,17 +401,16 @@ class VOCDataset(SegmentationDataset):
         self.info = DatasetInfo("voc", VOC_CLASSES, voc_palette(self.num_classes), source)
 
     @staticmethod
-    def _find_mask(root: Path, sbd_root: str | None, image_id: str) -> Path | None:
-        png = root / "SegmentationClass" / f"{image_id}.png"
-        if png.is_file():
-            return png
-        if sbd_root:
-            mat = Path(sbd_root) / "dataset" / "cls" / f"{image_id}.mat"
-            if mat.is_file():
-                return mat
+    def _find_mask(root: DataRoot, sbd: DataRoot | None, image_id: str) -> DataFile | None:
+        png = f"SegmentationClass/{image_id}.png"
+        if root.is_file(png):
+            return root.file(png)
+        mat = f"dataset/cls/{image_id}.mat"
+        if sbd is not None and sbd.is_file(mat):
+            return sbd.file(mat)
         return None  # detection-only images have no ground truth
 
-    def _read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    def _read_mask(self, path: DataFile, size: tuple[int, int] | None = None) -> np.ndarray:
         mask = read_sbd_mask(path) if path.suffix == ".mat" else read_index_png(path)
         check_mask(mask, self.num_classes, path, size)
         return mask
@@ -413,7 +426,7 @@ class VOCDataset(SegmentationDataset):
             if mask is not None:
                 clicks = simulate_clicks(mask, self.num_classes, self.min_area, seed, per_class=self.clicks_per_class)
         else:
-            clicks = self.clicks[image_id]
+            clicks = _fitted(self.clicks[image_id], image)
             if self.simulate_background and mask is not None:
                 background = simulate_clicks(mask, self.num_classes, self.min_area, seed, classes=[0],
                                              per_class=self.clicks_per_class)
@@ -425,17 +438,14 @@ class VOCDataset(SegmentationDataset):
 # CamVid (SegNet's 11-class version).
 
 
-def _resolve_listed(root: Path, listed: str) -> Path:
-    """A path from a CamVid list file, relative to root.
+def _resolve_listed(root: DataRoot, listed: str) -> str:
+    """The key of a path from a CamVid list file, relative to root.
 
     SegNet's lists carry its own prefix (`/SegNet/CamVid/trainannot/x.png`); where the
     path does not exist under root, its last two parts (`trainannot/x.png`) are tried.
     """
-    path = root / listed.lstrip("/")
-    if not path.exists():
-        parts = Path(listed).parts
-        path = root.joinpath(*parts[-2:])
-    return path
+    key = listed.lstrip("/")
+    return key if root.is_file(key) else "/".join(Path(listed).parts[-2:])
 
 
 class CamVidDataset(SegmentationDataset):
@@ -447,18 +457,17 @@ class CamVidDataset(SegmentationDataset):
     """
 
     def __init__(self, cfg: DataConfig, split: str, limit: int | None = None):
-        root = Path(cfg.root)
-        list_file = root / f"{split}.txt"
-        self.image_paths, self.mask_paths = [], []
-        for number, line in enumerate(_read_split(list_file, limit), start=1):
+        root = DataRoot(cfg.root)
+        image_keys, mask_keys = [], []
+        for number, line in enumerate(_read_split(root, f"{split}.txt", limit), start=1):
             fields = line.split()
             if len(fields) != 2:
-                raise DatasetError(f"{list_file}: line {number}: expected 'IMAGE MASK', got {line!r}")
-            self.image_paths.append(_resolve_listed(root, fields[0]))
-            self.mask_paths.append(_resolve_listed(root, fields[1]))
-        _first_missing(self.image_paths, "image")
-        _first_missing(self.mask_paths, "mask")
-        self.image_ids = [p.stem for p in self.image_paths]
+                raise DatasetError(f"{root.name(f'{split}.txt')}: line {number}: expected 'IMAGE MASK', got {line!r}")
+            image_keys.append(_resolve_listed(root, fields[0]))
+            mask_keys.append(_resolve_listed(root, fields[1]))
+        self.image_paths = _files(root, image_keys, "image")
+        self.mask_paths = _files(root, mask_keys, "mask")
+        self.image_ids = [f.stem for f in self.image_paths]
         self.load_scale, self.min_area, self.click_seed = cfg.load_scale, cfg.simulated_min_area, cfg.click_seed
         self.click_radius, self.clicks_per_class = cfg.click_radius, cfg.simulated_clicks_per_class
         self.simulate = cfg.clicks is None
@@ -467,17 +476,18 @@ class CamVidDataset(SegmentationDataset):
         self.file_clicks, self.click_fit, sources = {}, ClickFit(), ["simulated"] if self.simulate else []
         if cfg.clicks or cfg.extra_clicks:
             # ids of every split, so that one table can serve the train and the val dataset
-            known = {Path(line.split()[0]).stem for txt in root.glob("*.txt") for line in _read_split(txt, None)}
+            known = {Path(line.split()[0]).stem for txt in root.names() if txt.endswith(".txt")
+                     for line in _read_split(root, txt, None)}
             clicks, file_sources = _load_click_tables(cfg, len(CAMVID_CLASSES), known)
             self.file_clicks, self.click_fit = _fit_all(clicks, self.image_ids, sizes)
             sources += [s for s in file_sources if s not in sources]
         self.clicked = np.array([self.simulate or len(self.file_clicks.get(i, ())) > 0 for i in self.image_ids], bool)
         self.info = DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE, "+".join(sources))
-        if len(self.image_ids) <= CHECK_LIMIT:
+        if sizes is not None and len(self.image_ids) <= CHECK_LIMIT:
             for image_id, mask_path in zip(self.image_ids, self.mask_paths):
                 self._read_mask(mask_path, sizes[image_id])
 
-    def _read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    def _read_mask(self, path: DataFile, size: tuple[int, int] | None = None) -> np.ndarray:
         mask = read_index_png(path)
         mask[mask == CAMVID_VOID] = IGNORE_INDEX
         check_mask(mask, len(CAMVID_CLASSES), path, size)
@@ -486,7 +496,7 @@ class CamVidDataset(SegmentationDataset):
     def load(self, i: int) -> Sample:
         """Sample i at its original size, with the click files' clicks (simulated ones come at load_scale)."""
         image = read_image(self.image_paths[i])
-        clicks = self.file_clicks.get(self.image_ids[i], np.zeros((0, 3), np.float32))
+        clicks = _fitted(self.file_clicks.get(self.image_ids[i], np.zeros((0, 3), np.float32)), image)
         return Sample(self.image_ids[i], image, self._read_mask(self.mask_paths[i], image.shape[:2]), clicks)
 
     def at_scale(self, i: int, sample: Sample) -> Sample:
@@ -515,30 +525,32 @@ class FolderDataset(SegmentationDataset):
     """
 
     def __init__(self, cfg: DataConfig, split: str, limit: int | None = None):
-        root = Path(cfg.root)
-        images_dir = root / "images"
-        if not images_dir.is_dir():
-            raise DatasetError(f"{images_dir}: image folder not found")
-        by_id: dict[str, Path] = {}
-        for path in sorted(images_dir.iterdir()):
+        root = DataRoot(cfg.root)
+        if not root.is_dir("images"):
+            raise DatasetError(f"{root.name('images')}: image folder not found")
+        by_id: dict[str, str] = {}
+        for name in root.names("images"):
+            path = Path(name)
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 if path.stem in by_id:
-                    raise DatasetError(f"{path}: two images share the id '{path.stem}' ({by_id[path.stem].name})")
-                by_id[path.stem] = path
-        split_file = root / f"{split}.txt"
-        self.image_ids = _read_split(split_file, limit) if split_file.is_file() else sorted(by_id)[:limit]
+                    raise DatasetError(f"{root.name(f'images/{name}')}: two images share the id '{path.stem}' "
+                                       f"({by_id[path.stem]})")
+                by_id[path.stem] = name
+        split_file = f"{split}.txt"
+        self.image_ids = _read_split(root, split_file, limit) if root.is_file(split_file) else sorted(by_id)[:limit]
         if not self.image_ids:
-            raise DatasetError(f"{images_dir}: no images (.jpg, .jpeg, .png)")
+            raise DatasetError(f"{root.name('images')}: no images (.jpg, .jpeg, .png)")
         unknown = [i for i in self.image_ids if i not in by_id]
         if unknown:
-            raise DatasetError(f"{split_file}: image '{unknown[0]}' not found in {images_dir} ({len(unknown)} missing)")
-        self.image_paths = [by_id[i] for i in self.image_ids]
-        masks = [root / "masks" / f"{i}.png" for i in self.image_ids]
-        self.mask_paths = [p if p.is_file() else None for p in masks]
+            raise DatasetError(f"{root.name(split_file)}: image '{unknown[0]}' not found in {root.name('images')} "
+                               f"({len(unknown)} missing)")
+        self.image_paths = [root.file(f"images/{by_id[i]}") for i in self.image_ids]
+        self.mask_paths = [root.file(f"masks/{i}.png") if root.is_file(f"masks/{i}.png") else None
+                           for i in self.image_ids]
         self.num_classes = len(cfg.classes)
         self.load_scale = cfg.load_scale
         sizes = image_sizes(self.image_ids, self.image_paths)
-        if len(self.image_ids) <= CHECK_LIMIT:
+        if sizes is not None and len(self.image_ids) <= CHECK_LIMIT:
             for image_id, path in zip(self.image_ids, self.mask_paths):
                 if path is not None:
                     self._read_mask(path, sizes[image_id])
@@ -547,7 +559,7 @@ class FolderDataset(SegmentationDataset):
         self.clicked = np.array([len(self.clicks[i]) > 0 for i in self.image_ids], bool)  # the rest: unclicked
         self.info = DatasetInfo("folder", tuple(cfg.classes), voc_palette(self.num_classes), "+".join(sources) or "user")
 
-    def _read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    def _read_mask(self, path: DataFile, size: tuple[int, int] | None = None) -> np.ndarray:
         mask = read_index_png(path)
         check_mask(mask, self.num_classes, path, size)
         return mask
@@ -556,14 +568,15 @@ class FolderDataset(SegmentationDataset):
         image = read_image(self.image_paths[i])
         path = self.mask_paths[i]
         mask = None if path is None else self._read_mask(path, image.shape[:2])
-        return Sample(self.image_ids[i], image, mask, self.clicks[self.image_ids[i]])
+        return Sample(self.image_ids[i], image, mask, _fitted(self.clicks[self.image_ids[i]], image))
 
 
 # ---------------------------------------------------------------------------------------
 
 
-def build_dataset(cfg: DataConfig, split: str) -> SegmentationDataset:
-    """The training or validation set of cfg.
+def build_dataset(cfg: DataConfig, split: str, clicks: bool = True) -> SegmentationDataset:
+    """The training or validation set of cfg; `clicks=False` for a set to score on (masks
+    only: the click tables are not read, so a model evaluates on data its table never named).
 
     `split` is "train" or "val" (or the configured split names, e.g. "train_aug"): the
     split file is cfg.train_split / cfg.val_split and max_train / max_val truncate it.
@@ -574,6 +587,8 @@ def build_dataset(cfg: DataConfig, split: str) -> SegmentationDataset:
         role, name, limit = "val", cfg.val_split, cfg.max_val
     else:
         raise ValueError(f"unknown split '{split}': expected 'train' or 'val' ({cfg.train_split}/{cfg.val_split})")
+    if not clicks:
+        cfg = cfg.model_copy(update={"clicks": None, "extra_clicks": []})
     if cfg.dataset == "synthetic":
         dataset = SyntheticDataset(cfg, role, limit)
     else:

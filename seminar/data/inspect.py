@@ -18,6 +18,7 @@ import numpy as np
 from seminar.data.base import IGNORE_INDEX
 from seminar.data.clicks import click_sources, clicks_by_image, empty_image_ids, load_clicks
 from seminar.data.datasets import IMAGE_SUFFIXES, VOC_CLASSES, image_size, read_index_png
+from seminar.data.files import local_file
 from seminar.data.transforms import rasterize_clicks
 
 _VOC_ID = re.compile(r"^\d{4}_\d{6}$")
@@ -96,7 +97,7 @@ def inspect_clicks(path: str, masks_dir: str | None = None, images_dir: str | No
     checked = 0
     for k, image_id in enumerate(unique_ids):
         if image_id in sized:
-            heights[k], widths[k] = image_size(sized[image_id])
+            heights[k], widths[k] = image_size(local_file(sized[image_id]))
             checked += 1
     h, w = heights[row_image], widths[row_image]
     negative = (x < 0) | (y < 0)
@@ -111,7 +112,7 @@ def inspect_clicks(path: str, masks_dir: str | None = None, images_dir: str | No
         by_image = clicks_by_image(table)
         for image_id in unique_ids:
             if image_id in masks:
-                purity.add(by_image[image_id], read_index_png(masks[image_id]))
+                purity.add(by_image[image_id], read_index_png(local_file(masks[image_id])))
 
     per_class = dict(zip(*(v.tolist() for v in np.unique(classes, return_counts=True))))
     looks_like_voc = all(1 <= c < len(VOC_CLASSES) for c in per_class) and all(
