@@ -13,6 +13,7 @@ Ctrl-C; with --address it deploys onto that cluster (add --detach to leave it ru
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -97,6 +98,10 @@ def serving_config(config: Optional[Path], overrides: list[str], **explicit):
     return ServingConfig.model_validate({**cfg.model_dump(), **updates})
 
 
+class StartupTimeout(Exception):
+    """`seminar serve --startup-timeout` passed before Serve was up."""
+
+
 def serve_command(
     model: str = typer.Argument(..., help="checkpoint dir, s3:// URI, or registry name <prefix>/<model>(/<version>)"),
     host: str = typer.Option("127.0.0.1", help="address the HTTP proxy binds (0.0.0.0 for every interface)"),
@@ -112,6 +117,8 @@ def serve_command(
     name: str = typer.Option("seminar", help="Serve application name"),
     route_prefix: str = typer.Option("/", help="URL prefix of the application"),
     detach: bool = typer.Option(False, help="deploy and exit, leaving the application running (needs --address)"),
+    startup_timeout: float = typer.Option(600, "--startup-timeout", min=0.001, help="seconds Serve may take to start "
+                                          "(proxy up, replicas ready) before the command gives up"),
 ) -> None:
     """Serve a trained model over HTTP (Ray Serve + FastAPI): POST /v1/segment, GET /v1/model, a web page at /."""
     from pydantic import ValidationError
@@ -142,16 +149,34 @@ def serve_command(
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        # A local Ray on a busy machine (training beside it): Serve's proxy gets a minute, not
+        # 5-10 s, to answer its ready and health checks before the controller gives up on it.
+        for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+            os.environ.setdefault(var, "60")
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
 
     def stop(signum, frame):  # SIGTERM (a service manager, `kill`) stops it as Ctrl-C does
         raise KeyboardInterrupt
 
+    def too_slow(signum, frame):
+        raise StartupTimeout
+
     signal.signal(signal.SIGTERM, stop)
+    # The start-up deadline is an alarm on this (the main) thread, which also handles SIGTERM.
+    signal.signal(signal.SIGALRM, too_slow)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        args = ServeArgs(model=model, which=which, registry=registry, serving=cfg)
-        serve.run(build_app(args), name=name, route_prefix=route_prefix)
+        signal.setitimer(signal.ITIMER_REAL, startup_timeout)
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            args = ServeArgs(model=model, which=which, registry=registry, serving=cfg)
+            serve.run(build_app(args), name=name, route_prefix=route_prefix)
+        except StartupTimeout:
+            fail(f"Serve did not start within {startup_timeout:g} s (--startup-timeout; a busy machine starts "
+                 "slower): stopped", code=1)
+        except (ray.exceptions.RayError, RuntimeError) as e:  # a proxy or replica that died starting
+            fail(f"Serve failed to start: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", code=1)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         url = f"http://{host}:{port}{route_prefix.rstrip('/')}/"
         console.print(f"serving [bold]{resolved.version}[/] at {url}  (POST {url}v1/segment, page at {url})", soft_wrap=True)
         if detach:

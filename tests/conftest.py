@@ -271,13 +271,14 @@ class RayCluster:
     gcs_port: int
     metrics_url: str  # Ray's Prometheus exporter on the head node
 
-    def add_node(self, num_cpus: int = 2, resources: str | None = None) -> None:
-        """Join a second raylet to this cluster (a multi-node cluster on one machine)."""
+    def add_node(self, num_cpus: int = 2, resources: str | None = None, env: dict[str, str] | None = None) -> None:
+        """Join a second raylet to this cluster (a multi-node cluster on one machine); its
+        workers see `env` (e.g. a SEMINAR_CACHE of its own, as another machine's disk)."""
         cmd = [PYTHON, "-m", "ray.scripts.scripts", "start", f"--address={self.address}",
                f"--num-cpus={num_cpus}", "--disable-usage-stats"]
         if resources:
             cmd.append(f"--resources={resources}")
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")

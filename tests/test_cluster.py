@@ -447,20 +447,34 @@ def _remove_node(node_id: str, started: dict[int, str], timeout: float = 300) ->
 
 
 @pytest.mark.slow
-def test_students_on_two_nodes(ray_session, tmp_path):
-    """A second node joins; STRICT_SPREAD puts the two students on different nodes, so their
-    predictions cross nodes through the object store; the run finishes."""
+def test_students_on_two_nodes_train_from_s3(ray_session, s3_bucket, tmp_path):
+    """A second node joins with a cache folder of its own (as another machine's disk);
+    STRICT_SPREAD puts the two students on different nodes, so their predictions cross nodes
+    through the object store; both read the dataset from S3, each through its node's cache;
+    the run finishes."""
+    from test_remote_data import make_folder_dataset
+
+    root = make_folder_dataset(tmp_path / "data")
+    storage.upload_dir(root, f"s3://{s3_bucket}/data")
+    data = ["data.dataset=folder", "data.classes=[background,object]", f"data.root=s3://{s3_bucket}/data",
+            f"data.clicks=s3://{s3_bucket}/data/clicks.parquet", "data.load_scale=0.25"]
+    head_cache, node_b_cache = Path(os.environ[storage.CACHE_ENV]) / "data", tmp_path / "node_b_cache"
+    head_before = set(head_cache.iterdir()) if head_cache.is_dir() else set()
     before = _ray_processes()
-    ray_session.add_node(num_cpus=2, resources='{"node_b": 2}')
+    ray_session.add_node(num_cpus=2, resources='{"node_b": 2}', env={storage.CACHE_ENV: str(node_b_cache)})
     added = {pid: cmd for pid, cmd in _ray_processes().items() if pid not in before}
     node_b = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_b" in n["Resources"])
     try:
-        summary = run_training(tiny_spec(tmp_path / "runs", 3, 3), address=ray_session.address,
+        summary = run_training(tiny_spec(tmp_path / "runs", 3, 3, *data), address=ray_session.address,
                                placement_strategy="STRICT_SPREAD")
         assert summary.step == 3
         nodes = summary.exchange.node_of_rank
         assert len(set(nodes.values())) == 2 and node_b in nodes.values()
         assert (summary.exchange.published, summary.exchange.served, summary.exchange.held) == (6, 6, 0)
+        images = {p.stem for p in (root / "images").iterdir()}
+        for cache in (node_b_cache / "data", head_cache):  # each node fetched images into its own cache
+            fetched = [p for p in cache.iterdir() if p.suffix == ".jpg" and p not in head_before]
+            assert fetched and len(fetched) <= len(images), (cache, fetched)
     finally:
         _remove_node(node_b, added)
     assert not any(n["NodeID"] == node_b and n["Alive"] for n in ray.nodes())

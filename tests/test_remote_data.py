@@ -260,3 +260,78 @@ def test_seminar_train_refuses_bad_s3_data_before_the_run_starts(s3_bucket, tmp_
     assert message.format(bucket=s3_bucket) in proc.stderr
     assert "Traceback" not in proc.stderr and "run " not in proc.stdout  # before the run is announced
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_annotation_loop_with_everything_in_a_bucket(s3_bucket, tmp_path):
+    """Images in a bucket; correction clicks in a click store on S3 (written as the endpoint
+    writes them: seminar.data.append_clicks); `seminar train` reads both; `seminar predict`
+    writes its masks beside them; the README's three commands, with a run for the registry."""
+    from seminar.data import load_clicks
+    from seminar.data.clicks import append_clicks
+
+    root = make_folder_dataset(tmp_path / "photos")
+    bucket = f"s3://{s3_bucket}"
+    storage.upload_dir(root / "images", f"{bucket}/photos/images")
+    table = load_clicks(str(root / "clicks.parquet"))
+    append_clicks(f"{bucket}/clicks", table.slice(0, 2))  # two submissions from the page
+    append_clicks(f"{bucket}/clicks", table.slice(2))
+
+    def seminar(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([PYTHON, "-m", "jobs.main", *args], capture_output=True, text=True, timeout=900,
+                              env={**os.environ, storage.CACHE_ENV: str(tmp_path / "cache")})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    seminar("train", "--in-process", "--set", "data.dataset=folder", "--set", f"data.root={bucket}/photos",
+            "--set", f"data.clicks={bucket}/clicks", "--set", "data.classes=[background,object]",
+            "--set", f"storage.path={tmp_path / 'runs'}", "--set", "storage.run_name=loop",
+            *[x for o in [*TINY, "optim.steps=2", "schedule.checkpoint_every=2"]
+              for x in ("--set", o)])
+    seminar("predict", str(tmp_path / "runs" / "loop"), f"{bucket}/photos/images", "--out", f"{bucket}/predictions")
+    written = storage.list_files(f"{bucket}/predictions")
+    images = sorted(p.stem for p in (root / "images").iterdir())
+    assert images and all(any(name.startswith(i) for name in written) for i in images), written
+
+
+@pytest.mark.slow
+def test_an_s3_that_stalls_while_images_are_fetched_does_not_fail_the_run(s3_server, s3_bucket, tmp_path, cache,
+                                                                           monkeypatch):
+    """moto stopped (SIGSTOP) for 5 s at the first image fetched, with an S3 request timeout
+    of 2 s: the fetch times out and is retried (pyarrow's retries, as checkpoint uploads get),
+    and the run ends with every step. The stall follows the fetch (moto's log), not the clock."""
+    import signal
+    import threading
+
+    from seminar.runs import run_in_process
+
+    monkeypatch.setenv(storage.S3_TIMEOUT_ENV, "2")
+    root = make_folder_dataset(tmp_path / "data")
+    storage.upload_dir(root, f"s3://{s3_bucket}/data")
+    fetched, done, stalls = threading.Event(), threading.Event(), []
+
+    def on_request(line: str) -> None:
+        if f"GET /{s3_bucket}/data/images/" in line:
+            fetched.set()
+
+    def stall_once():
+        if fetched.wait(600) and not done.is_set():
+            os.kill(s3_server.process.pid, signal.SIGSTOP)
+            stalls.append(1)
+            done.wait(5)
+            os.kill(s3_server.process.pid, signal.SIGCONT)
+
+    s3_server.on_request.append(on_request)
+    staller = threading.Thread(target=stall_once, daemon=True)
+    staller.start()
+    cfg = load_spec(None, [*TINY, "data.dataset=folder", "data.classes=[background,object]",
+                           f"data.root=s3://{s3_bucket}/data", f"data.clicks=s3://{s3_bucket}/data/clicks.parquet",
+                           "optim.steps=3", f"storage.path={tmp_path / 'runs'}", "storage.run_name=stalled"])
+    try:
+        result = run_in_process(cfg)
+    finally:
+        done.set()
+        staller.join()
+        os.kill(s3_server.process.pid, signal.SIGCONT)
+        s3_server.on_request.remove(on_request)
+    assert result.metrics["step"] == 3 and stalls == [1]

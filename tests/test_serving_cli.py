@@ -48,6 +48,22 @@ class OutputReader(threading.Thread):
             time.sleep(0.2)
 
 
+def test_a_start_up_past_its_timeout_is_one_line_and_shuts_serve_down(ray_session, tmp_path):
+    """--startup-timeout far shorter than any start-up: the command gives up with one line,
+    exit 1, no traceback, and Serve is shut down (nothing half-started is left)."""
+    checkpoint = make_checkpoint(tmp_path / "checkpoint")
+    wait_serve_gone()
+    proc = subprocess.run([sys.executable, "-m", "jobs.main", "serve", str(checkpoint), "--address",
+                           ray_session.address, "--port", str(free_port()), "--replicas", "1",
+                           "--startup-timeout", "0.01"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [  # among Ray's own log lines
+        "error: Serve did not start within 0.01 s (--startup-timeout; a busy machine starts slower): stopped"]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    wait_serve_gone()
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_seminar_serve_command(ray_session, tmp_path, stop):
     from ray import serve
