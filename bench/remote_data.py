@@ -23,6 +23,7 @@ ratio to local, and the S3 requests the pass made per image (moto's request log)
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import shutil
@@ -123,13 +124,13 @@ def main() -> None:
                 results["local"].append(one_pass(str(local), cache, args.batch_size))
                 seen = len(log)
                 results["cold"].append(one_pass("s3://bench/camvid", cache, args.batch_size))
-                gets = sum(1 for line in log[seen:] if re.search(r'"GET /bench/camvid/(train|trainannot)/', line))
+                methods = collections.Counter(m[1] for line in log[seen:] if (m := re.search(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) /', line)))
                 requests.append(len(log[seen:]) / args.images)
                 seen = len(log)
                 results["warm"].append(one_pass("s3://bench/camvid", cache, args.batch_size))
                 warm_requests.append(len(log[seen:]))
                 print(f"repetition {r + 1}: " + ", ".join(f"{k} {v[-1]['s_per_step']:.3f} s/step" for k, v in results.items())
-                      + f"; cold: {gets} image/mask GETs, {requests[-1] * args.images:.0f} requests; "
+                      + f"; cold: {requests[-1] * args.images:.0f} requests {dict(methods)}; "
                       f"warm: {warm_requests[-1]} requests", flush=True)
         finally:
             proc.terminate()
@@ -143,7 +144,8 @@ def main() -> None:
         cpu = statistics.median(x["cpu_per_step"] for x in runs)
         print(f"  {name:5s} {statistics.median(wall):.3f} s/step ({min(wall):.3f}-{max(wall):.3f}), "
               f"cpu {cpu:.3f} s/step, {statistics.median(wall) / local_median:.2f}x local")
-    print(f"  requests per image, cold pass: {statistics.median(requests):.2f} (an image and its mask: 2 files); "
+    print(f"  requests per image, cold pass: {statistics.median(requests):.2f} (an image and its mask: 2 files, "
+          "each a HEAD (pyarrow asks the size) and a GET); "
           f"warm pass: {statistics.median(warm_requests)} requests in all (the listing)")
 
 

@@ -33,6 +33,7 @@ own encoder (tests/data/label_studio_rle.json).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import ipaddress
 import os
 import socket
@@ -171,7 +172,7 @@ def fetch_image(ref: str, label_studio_url: str | None, max_bytes: int, timeout_
             # Token; never carried along a redirect to another host
             request.add_unredirected_header("Authorization", f"{'Bearer' if key.count('.') == 2 else 'Token'} {key}")
         try:
-            opener = urllib.request.build_opener(_CheckedRedirects(label_studio_url))
+            opener = urllib.request.build_opener(_CheckedRedirects(label_studio_url), _PublicOnly(label_studio_url))
             with opener.open(request, timeout=timeout_s) as answer:
                 data = answer.read(max_bytes + 1)
         except urllib.error.HTTPError as e:  # the status alone: the other side's words are not repeated
@@ -190,7 +191,8 @@ def _is_label_studio(url: str, label_studio_url: str | None) -> bool:
 def check_image_host(url: str, label_studio_url: str | None) -> None:
     """A task image URL must name a public host, or Label Studio's own (`serving.label_studio_url`):
     a task is anyone's text, and a URL to loopback, link-local or private addresses would make
-    the endpoint probe the services beside it."""
+    the endpoint probe the services beside it. (The address actually connected to is checked
+    again: `_PublicOnly`.)"""
     if _is_label_studio(url, label_studio_url):
         return
     parts = urllib.parse.urlsplit(url)
@@ -200,10 +202,51 @@ def check_image_host(url: str, label_studio_url: str | None) -> None:
     except (socket.gaierror, UnicodeError, ValueError):
         raise InputError(422, "image_unreachable", f"{url}: host {host!r} not found") from None
     for *_, address in found:
-        ip = ipaddress.ip_address(address[0].split("%")[0])
-        if not ip.is_global:
-            raise InputError(422, "image_refused", f"{url}: {host} is not a public address ({ip}); task images come "
-                                                   f"from public hosts or serving.label_studio_url")
+        _check_address(url, host, address[0])
+
+
+def _check_address(url: str, host: str, address: str) -> None:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if not ip.is_global:
+        raise InputError(422, "image_refused", f"{url}: {host} is not a public address ({ip}); task images come "
+                                               f"from public hosts or serving.label_studio_url")
+
+
+class _PublicOnly(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """Connections whose peer address is checked once connected, before a byte is sent: a name
+    that resolved to a public address for `check_image_host` and to a private one for the
+    connection (DNS rebinding) is refused too. Label Studio's own host is exempt."""
+
+    def __init__(self, label_studio_url: str | None):
+        urllib.request.HTTPHandler.__init__(self)
+        urllib.request.HTTPSHandler.__init__(self)
+        self.label_studio_url = label_studio_url
+
+    def _checked(self, base: type, req: urllib.request.Request):
+        url, exempt = req.full_url, _is_label_studio(req.full_url, self.label_studio_url)
+
+        def connection(host, **kwargs):
+            conn = base(host, **kwargs)
+            connect = conn.connect
+
+            def checked_connect():
+                connect()
+                if not exempt:
+                    try:
+                        _check_address(url, conn.host, conn.sock.getpeername()[0])
+                    except InputError:
+                        conn.close()
+                        raise
+            conn.connect = checked_connect
+            return conn
+        return connection
+
+    def http_open(self, req):
+        return self.do_open(self._checked(http.client.HTTPConnection, req), req)
+
+    def https_open(self, req):
+        return self.do_open(self._checked(http.client.HTTPSConnection, req), req,
+                            context=self._context)
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):

@@ -136,6 +136,42 @@ def test_a_bad_entry_does_not_break_the_model_listing(tmp_path):
     assert "Traceback" not in shown.output and len(shown.output.strip().splitlines()) == 1, shown.output
 
 
+def test_a_task_host_that_rebinds_to_a_private_address_is_refused_at_connect(monkeypatch):
+    """DNS rebinding: a name that resolves to a public address when checked and to loopback
+    when connected. The check is made to pass (as the first answer would); the address the
+    connection reached is checked again, and nothing is sent to it."""
+    import http.server
+    import threading
+
+    import serving.label_studio as label_studio
+    from serving.imaging import InputError
+
+    requests_seen = []
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests_seen.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(label_studio, "check_image_host", lambda url, label_studio_url: None)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
+        with pytest.raises(InputError, match=r"127\.0\.0\.1 is not a public address \(127\.0\.0\.1\)"):
+            label_studio.fetch_image(url, None, 10**6, 5)
+        assert requests_seen == []  # refused once connected, before the request was sent
+        # Label Studio's own host (serving.label_studio_url) may be private
+        label_studio.fetch_image("/x.png", f"http://127.0.0.1:{server.server_address[1]}", 10**6, 5)
+        assert requests_seen == ["/x.png"]
+    finally:
+        server.shutdown()
+
+
 def test_label_studio_redirects_to_private_hosts_are_refused_and_keep_no_key(monkeypatch):
     """Label Studio's own host may redirect, but not to an address a task may not name, and its
     key never travels along a redirect; the other side's words are not repeated."""

@@ -198,6 +198,32 @@ def test_a_run_whose_data_is_gone_fails_naming_the_file(tmp_path, cache):
     assert re.fullmatch(rf"file://{root}/images/\S+\.jpg: cannot be read \(.*\)", str(err.value)), str(err.value)
 
 
+def test_seminar_evaluate_on_other_data_does_not_need_the_runs_click_table(tmp_path, cache):
+    """A run trained from a click table, evaluated with `--set data.root=OTHER --set
+    data.val_split=X` on a folder its table never named (and the table gone): scored."""
+    from typer.testing import CliRunner
+
+    from jobs.main import app
+    from seminar.runs import run_in_process
+
+    root = make_folder_dataset(tmp_path / "data")
+    other = make_folder_dataset(tmp_path / "other")
+    for p in (other / "images").iterdir():  # other image ids than the table names
+        p.rename(p.with_name(f"x{p.name}"))
+    for p in (other / "masks").iterdir():
+        p.rename(p.with_name(f"x{p.name}"))
+    (other / "held_out.txt").write_text("\n".join(sorted(p.stem for p in (other / "images").iterdir())[:2]) + "\n")
+    cfg = load_spec(None, [*TINY, "data.dataset=folder", "data.classes=[background,object]", f"data.root={root}",
+                           f"data.clicks={root}/clicks.parquet", "optim.steps=1", "resources.loader_workers=0",
+                           f"storage.path={tmp_path / 'runs'}", "storage.run_name=clicked"])
+    run_in_process(cfg)
+    (root / "clicks.parquet").unlink()
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "runs" / "clicked"), "--set", f"data.root={other}",
+                                      "--set", "data.val_split=held_out"])
+    assert result.exit_code == 0, result.output
+    assert "on folder held_out, 2 images" in " ".join(result.output.split()) and "mIoU" in result.output
+
+
 # --- The real S3 server on loopback ----------------------------------------------------
 
 

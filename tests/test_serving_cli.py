@@ -73,7 +73,8 @@ def test_seminar_serve_command(ray_session, tmp_path, stop):
     port = free_port()
     command = [sys.executable, "-m", "jobs.main", "serve", str(checkpoint), "--address", ray_session.address,
                "--port", str(port), "--replicas", "1", "--set", "infer_size=64", "--set", "torch_threads=1"]
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # faulthandler: a command that does not stop is aborted (SIGABRT) and says where each thread was
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=environment)
     output = OutputReader(process)
@@ -91,10 +92,15 @@ def test_seminar_serve_command(ray_session, tmp_path, stop):
         try:
             process.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            process.send_signal(signal.SIGABRT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            output.join(timeout=10)
             serve.shutdown()
-            raise
+            raise AssertionError(f"seminar serve did not stop on {stop.name} within 300 s:\n{output.text[-20000:]}")
     output.join(timeout=10)
     assert process.returncode == 0, output.text
     # Serve is gone: its controller, and nothing answers on the port any more.
