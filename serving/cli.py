@@ -161,6 +161,10 @@ def serve_command(
     def too_slow(signum, frame):
         raise StartupTimeout
 
+    # Ctrl-C and SIGTERM must reach this command even when it was started with them ignored or
+    # blocked (both survive exec: a parent's mask was seen to leave the command deaf to Ctrl-C).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGALRM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, stop)
     # The start-up deadline is an alarm on this (the main) thread, which also handles SIGTERM.
     signal.signal(signal.SIGALRM, too_slow)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,8 @@ def test_seminar_serve_command(ray_session, tmp_path, stop):
         assert Image.open(io.BytesIO(answer.content)).size == (60, 40)
         assert requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()["inference"]["infer_size"] == 64
     finally:
+        status = Path(f"/proc/{process.pid}/status")  # for a failure: what the command blocks and ignores
+        masks = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
         process.send_signal(stop)  # Ctrl-C or SIGTERM: the command shuts Serve down
         try:
             process.wait(timeout=300)
@@ -100,7 +103,8 @@ def test_seminar_serve_command(ray_session, tmp_path, stop):
                 process.wait()
             output.join(timeout=10)
             serve.shutdown()
-            raise AssertionError(f"seminar serve did not stop on {stop.name} within 300 s:\n{output.text[-20000:]}")
+            raise AssertionError(f"seminar serve did not stop on {stop.name} within 300 s ({masks}):\n"
+                                 f"{output.text[-20000:]}")
     output.join(timeout=10)
     assert process.returncode == 0, output.text
     # Serve is gone: its controller, and nothing answers on the port any more.
