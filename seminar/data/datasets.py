@@ -6,7 +6,9 @@ is built: image files exist and decode (a truncated JPEG is found here, not when
 samples it), click tables name known images and classes, masks hold only class ids or 255
 (every image and mask for sets up to CHECK_LIMIT images, once per process; larger sets
 check the headers now and each file when it is read). Errors name the file and, for masks,
-the first bad pixel.
+the first bad pixel. A root may be a URI (s3://...; `seminar.data.files`): its listing, split
+files and click tables are checked when the dataset is built, each image and mask when a
+worker reads it (workers fetch only what their batches draw).
 """
 
 from __future__ import annotations
