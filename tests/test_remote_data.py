@@ -114,6 +114,14 @@ def test_the_cache_keeps_the_most_recently_used_files_under_its_cap(tmp_path, ca
     assert root.read_bytes("f0.bin") == bytes([0]) * 1000  # evicted files are fetched again
 
 
+@pytest.mark.parametrize("value", ["lots", "-1", "nan", "1e300"])
+def test_a_cache_cap_that_is_not_a_size_is_one_line(tmp_path, cache, monkeypatch, value):
+    (tmp_path / "a.txt").write_bytes(b"a")
+    monkeypatch.setenv(data_files.CACHE_MAX_ENV, value)
+    with pytest.raises(DatasetError, match=rf"^SEMINAR_CACHE_MAX_GB='{re.escape(value)}': not a size in GB"):
+        DataRoot(f"file://{tmp_path}").read_bytes("a.txt")
+
+
 def _fill(uri: str, keys: list[str], cache_env: str, queue) -> None:
     os.environ[storage.CACHE_ENV] = cache_env
     root = DataRoot(uri)

@@ -216,7 +216,13 @@ class _Cache:
 
 def _cache() -> _Cache:
     folder = storage.cache_dir("data")
-    cap = int(float(os.environ.get(CACHE_MAX_ENV) or DEFAULT_CACHE_MAX_GB) * 1e9)
+    value = os.environ.get(CACHE_MAX_ENV) or str(DEFAULT_CACHE_MAX_GB)
+    try:
+        cap = int(float(value) * 1e9)
+    except (ValueError, OverflowError):  # not a number; inf
+        cap = -1
+    if not 0 <= cap < 1e18:
+        raise DatasetError(f"{CACHE_MAX_ENV}={value!r}: not a size in GB (e.g. 20 or 0.5)")
     return _cache_at(folder, cap)
 
 
