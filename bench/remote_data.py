@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +42,10 @@ CAMVID = REPO.parent / "shared" / "data" / "camvid"
 sys.path.insert(0, str(REPO))
 
 
-def start_moto() -> tuple[subprocess.Popen, str, list[str]]:
-    """moto_server on a port it picks; its request log lines collected as they come."""
+@contextlib.contextmanager
+def moto_server() -> Iterator[tuple[str, list[str]]]:
+    """moto_server on a port it picks, stopped however the block ends; (endpoint, its request
+    log lines, collected as they come)."""
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
@@ -54,12 +58,18 @@ def start_moto() -> tuple[subprocess.Popen, str, list[str]]:
                 port.append(int(line.rsplit(":", 1)[1].split("/")[0]))
             log.append(line)
 
-    threading.Thread(target=read, daemon=True).start()
-    for _ in range(600):
-        if port:
-            break
-        time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port[0]}", log
+    try:
+        threading.Thread(target=read, daemon=True).start()
+        for _ in range(600):
+            if port or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        if not port:
+            raise RuntimeError(f"moto_server did not start (exit {proc.poll()})")
+        yield f"http://127.0.0.1:{port[0]}", log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def subset(images: int, where: Path) -> Path:
@@ -106,35 +116,30 @@ def main() -> None:
 
     import boto3
 
-    proc, endpoint, log = start_moto()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=endpoint)
-    from seminar import storage
-
     results: dict[str, list[dict[str, float]]] = {"local": [], "cold": [], "warm": []}
     requests: list[float] = []
     warm_requests: list[int] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = subset(args.images, Path(tmp) / "camvid")
-            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-            storage.upload_dir(local, "s3://bench/camvid")
-            for r in range(args.repeats):
-                cache = str(Path(tmp) / f"cache-{r}")
-                results["local"].append(one_pass(str(local), cache, args.batch_size))
-                seen = len(log)
-                results["cold"].append(one_pass("s3://bench/camvid", cache, args.batch_size))
-                methods = collections.Counter(m[1] for line in log[seen:] if (m := re.search(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) /', line)))
-                requests.append(len(log[seen:]) / args.images)
-                seen = len(log)
-                results["warm"].append(one_pass("s3://bench/camvid", cache, args.batch_size))
-                warm_requests.append(len(log[seen:]))
-                print(f"repetition {r + 1}: " + ", ".join(f"{k} {v[-1]['s_per_step']:.3f} s/step" for k, v in results.items())
-                      + f"; cold: {requests[-1] * args.images:.0f} requests {dict(methods)}; "
-                      f"warm: {warm_requests[-1]} requests", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    with moto_server() as (endpoint, log), tempfile.TemporaryDirectory() as tmp:
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
+                          AWS_ENDPOINT_URL=endpoint)
+        from seminar import storage
+
+        local = subset(args.images, Path(tmp) / "camvid")
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        storage.upload_dir(local, "s3://bench/camvid")
+        for r in range(args.repeats):
+            cache = str(Path(tmp) / f"cache-{r}")
+            results["local"].append(one_pass(str(local), cache, args.batch_size))
+            seen = len(log)
+            results["cold"].append(one_pass("s3://bench/camvid", cache, args.batch_size))
+            methods = collections.Counter(m[1] for line in log[seen:] if (m := re.search(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) /', line)))
+            requests.append(len(log[seen:]) / args.images)
+            seen = len(log)
+            results["warm"].append(one_pass("s3://bench/camvid", cache, args.batch_size))
+            warm_requests.append(len(log[seen:]))
+            print(f"repetition {r + 1}: " + ", ".join(f"{k} {v[-1]['s_per_step']:.3f} s/step" for k, v in results.items())
+                  + f"; cold: {requests[-1] * args.images:.0f} requests {dict(methods)}; "
+                  f"warm: {warm_requests[-1]} requests", flush=True)
 
     local_median = statistics.median(x["s_per_step"] for x in results["local"])
     print(f"\n{args.images} CamVid images (camvid.yaml views, batch {args.batch_size}), {args.repeats} repetitions, "

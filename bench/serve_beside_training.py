@@ -52,10 +52,14 @@ def start_training(runs: str) -> subprocess.Popen:
                              "storage.run_name=busy", "--set", "optim.steps=100000", "--set", "schedule.log_every=1"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = Path(runs) / "busy" / "metrics.jsonl"
-    while not (metrics.is_file() and metrics.read_text().strip()):
-        if proc.poll() is not None:
-            raise RuntimeError(f"the training run exited with {proc.returncode}")
-        time.sleep(1)
+    try:
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the training run exited with {proc.returncode}")
+            time.sleep(1)
+    except BaseException:
+        stop(proc, signal.SIGTERM)
+        raise
     return proc
 
 
@@ -76,7 +80,11 @@ def start_serve(model: str, port: int) -> tuple[subprocess.Popen, float, list[st
         ready.set()
 
     threading.Thread(target=read, daemon=True).start()
-    ready.wait()
+    try:
+        ready.wait()
+    except BaseException:
+        stop(proc)
+        raise
     if proc.poll() is not None:
         raise RuntimeError(f"seminar serve exited with {proc.returncode}:\n{''.join(lines)}")
     return proc, time.perf_counter() - start, lines

@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import SpecError, TrainConfig, load_spec, set_field
+from .storage import is_uri
 from .data.datasets import CAMVID_CLASSES, VOC_CLASSES
 
 BUILTIN_NUM_CLASSES = {"voc": len(VOC_CLASSES), "camvid": len(CAMVID_CLASSES)}
@@ -60,10 +61,6 @@ def check_models(cfg: TrainConfig) -> list[str]:
             for k, s in enumerate(cfg.students) if s.model not in MODEL_NAMES]
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def check_paths(cfg: TrainConfig) -> list[str]:
     """Every local path in the spec exists (as a directory or a file, as the field needs)."""
     data = cfg.data
@@ -77,7 +74,7 @@ def check_paths(cfg: TrainConfig) -> list[str]:
     ]
     problems = []
     for field, value, kind in wanted:
-        if value is None or _is_remote(value):
+        if value is None or is_uri(value):
             continue
         p = Path(value).expanduser()
         if kind == "dir" and not p.is_dir():
@@ -88,7 +85,7 @@ def check_paths(cfg: TrainConfig) -> list[str]:
         return problems
 
     # The split files the loaders will read (cheap to check, costly to find out on a cluster).
-    if data.root and not _is_remote(data.root):
+    if data.root and not is_uri(data.root):
         root = Path(data.root).expanduser()
         for field, split in (("data.train_split", data.train_split), ("data.val_split", data.val_split)):
             if data.dataset == "voc":
@@ -128,7 +125,7 @@ def check_classes(cfg: TrainConfig) -> list[str]:
 
     click_files = [("data.clicks", data.clicks)] + [(f"data.extra_clicks.{i}", p) for i, p in enumerate(data.extra_clicks)]
     for field, path in click_files:
-        if path is None or _is_remote(path):
+        if path is None or is_uri(path):
             continue
         try:
             validate_clicks(load_clicks(path), num_classes, path=path)
@@ -144,7 +141,7 @@ def check_init(cfg: TrainConfig) -> list[str]:
 
     problems = []
     for k, student in enumerate(cfg.students):
-        if student.init_from is None or _is_remote(student.init_from):
+        if student.init_from is None or is_uri(student.init_from):
             continue
         field = f"students.{k}.init_from"
         try:

@@ -19,6 +19,11 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+def is_uri(path: str) -> bool:
+    """A URI for a pyarrow filesystem (s3://, gs://, file://, ...), not a local path."""
+    return "://" in str(path)
+
+
 CACHE_ENV = "SEMINAR_CACHE"
 
 
@@ -49,7 +54,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     knows (gs://, hdfs://, or s3:// with its own ?endpoint_override=... options)."""
     if is_s3(uri) and "?" not in str(uri):
         return s3_filesystem(), str(uri)[len("s3://"):].rstrip("/")
-    if "://" in str(uri):
+    if is_uri(uri):
         return pafs.FileSystem.from_uri(str(uri))
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
@@ -98,14 +103,17 @@ def upload_file(local: str | Path, uri: str) -> None:
 
 
 def download_file(uri: str, local: str | Path) -> Path:
-    """Copy one file, streamed; it appears at `local` complete or not at all."""
+    """Copy one file, streamed; it appears at `local` complete or not at all (written under a
+    name of its own and renamed: processes filling one cache at once never see half a file).
+    Two requests on S3 (pyarrow's HEAD for the size, one GET; `copy_files` makes three)."""
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
-    partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
+    partial = local.with_name(f".{local.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     fs, path = filesystem(uri)
     try:
-        pafs.copy_files(path, str(partial.resolve()), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        with fs.open_input_stream(path, compression=None) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
         partial.replace(local)
     finally:
         partial.unlink(missing_ok=True)

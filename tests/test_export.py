@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from jobs.main import app
 from seminar import export, storage
 from seminar.data.datasets import read_image
+from seminar.data.files import local_file
 from seminar.predict import Segmenter
 
 DATA = Path(__file__).parent / "data"
@@ -47,7 +48,7 @@ def test_onnx_matches_eager_on_real_photographs(pretrained_checkpoint):
     assert (eager.runtime, graph.runtime) == ("torch", "onnx")
     agree = total = 0
     for path in PHOTOS:  # 8 VOC photos and a CamVid frame, each at its own size
-        x = eager.model_input(read_image(path)).unsqueeze(0)
+        x = eager.model_input(read_image(local_file(path))).unsqueeze(0)
         p_eager, p_graph = eager.predict_probs(x), graph.predict_probs(x)
         assert p_graph.shape == p_eager.shape
         assert (p_graph - p_eager).abs().max().item() <= PROB_TOLERANCE, path.name
@@ -73,7 +74,7 @@ def test_export_command_writes_a_graph_that_carries_its_model(tmp_path):
         assert graph.metadata[key] == eager.metadata[key], key
     assert graph.meta["preprocessing"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert (graph.scale, graph.max_long_side) == (eager.scale, eager.max_long_side) == (1.0, 320)
-    image = read_image(PHOTOS[0])
+    image = read_image(local_file(PHOTOS[0]))
     (labels_graph, conf_graph), (labels_eager, conf_eager) = graph.segment(image), eager.segment(image)
     assert (labels_graph == labels_eager).mean() >= LABEL_AGREEMENT
     assert np.abs(conf_graph - conf_eager).max() <= PROB_TOLERANCE
@@ -119,5 +120,5 @@ def test_runtime_switch_caches_the_export_and_falls_back_to_eager(tmp_path, monk
         fallback = Segmenter.load(checkpoint, runtime="onnx")
     assert fallback.runtime == "torch" and fallback.metadata["runtime"] == "torch"
     assert "serving eager PyTorch, the ONNX export failed: unsupported operator" in caplog.text
-    label, _ = fallback.segment(read_image(PHOTOS[0]))
-    assert label.shape == read_image(PHOTOS[0]).shape[:2]
+    label, _ = fallback.segment(read_image(local_file(PHOTOS[0])))
+    assert label.shape == read_image(local_file(PHOTOS[0])).shape[:2]

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from seminar.config import DataConfig
 from seminar.data.base import IGNORE_INDEX, DatasetError, DatasetInfo, Sample
-from seminar.data.files import DataFile, DataRoot, local_file
+from seminar.data.files import DataFile, DataRoot
 from seminar.data.transforms import resize_image
 from seminar.data.clicks import (
     ClickFit,
@@ -95,8 +95,7 @@ def _decoded(im: Image.Image, f: DataFile, what: str) -> Image.Image:
     return im
 
 
-def read_image(f: DataFile | Path) -> np.ndarray:
-    f = local_file(f) if isinstance(f, Path) else f
+def read_image(f: DataFile) -> np.ndarray:
     with _opened(f) as im:
         return np.asarray(_decoded(im, f, "image").convert("RGB"))
 

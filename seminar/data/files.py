@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -38,10 +37,6 @@ DEFAULT_CACHE_MAX_GB = 20.0
 
 def _reason(e: BaseException) -> str:
     return " ".join(str(getattr(e, "strerror", None) or e).split())[:200]
-
-
-def is_remote(root: str) -> bool:
-    return "://" in str(root)
 
 
 @dataclass(frozen=True)
@@ -71,10 +66,10 @@ class DataRoot:
 
     def __init__(self, root: str):
         self.uri = str(root).rstrip("/") or str(root)
-        self.remote = is_remote(self.uri)
+        self.remote = storage.is_uri(self.uri)
         if self.remote:
-            self.fs, self._base = storage.filesystem(self.uri)
             self._files, self._dirs = _listing(self.uri)
+            self._cache = _cache()
         else:
             self._local = Path(self.uri).expanduser()
 
@@ -132,23 +127,17 @@ class DataRoot:
             raise DatasetError(f"{self.name(key)}: not found")
         size, mtime = self._files[key]
         digest = hashlib.sha256(f"{self.uri}/{key}|{size}|{mtime}".encode()).hexdigest()[:40]
-        path = _cache().folder / f"{digest}{Path(key).suffix}"
+        path = self._cache.folder / f"{digest}{Path(key).suffix}"
         try:
             os.utime(path)  # a read is a use: least recently used goes first
             return path
         except FileNotFoundError:
             pass
-        partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
         try:
-            with self.fs.open_input_stream(f"{self._base}/{key}", compression=None) as src, open(partial, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            partial.replace(path)
+            storage.download_file(self.name(key), path)
         except OSError as e:
             raise DatasetError(f"{self.name(key)}: cannot be read ({_reason(e)})") from None
-        finally:
-            partial.unlink(missing_ok=True)
-        _cache().added(size)
+        self._cache.added(size)
         return path
 
 
