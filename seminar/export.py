@@ -21,6 +21,7 @@ into the ASPP pooling and the upsampling, and answers other sizes wrongly.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from . import storage
 from .data.base import MEAN, STD
@@ -58,6 +60,31 @@ class Probabilities(nn.Module):
         return self.network.decode(images).softmax(1)
 
 
+class Clamp(nn.Module):
+    """nn.Hardtanh (ReLU6) as the clamp it is: torch.export decomposes hardtanh slowly."""
+
+    def __init__(self, low: float, high: float):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(self.low, self.high)
+
+
+def exportable(network: nn.Module) -> nn.Module:
+    """`Probabilities(network)` as the exporter traces it fastest, with the same numbers: each
+    BatchNorm folded into the convolution before it (torch.fx's conv-bn fusion, which follows
+    the data flow) and ReLU6 as a clamp. Exporting the EfficientNet-Lite0 DeepLabV3+ takes 6 s
+    instead of 18 s on 2 cores; ONNX Runtime fuses the same way, so the served graph runs as
+    fast as before (bench/export.py). `network` itself is left as it is."""
+    module = Probabilities(copy.deepcopy(network)).eval()
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Hardtanh):
+                setattr(parent, name, Clamp(child.min_val, child.max_val))
+    return fuse(module, inplace=True)
+
+
 def graph_metadata(meta: dict, served: str) -> dict:
     """What the graph carries besides weights: meta.json, the network and its preprocessing."""
     return {**meta, "served": served, "preprocessing": {"mean": list(MEAN), "std": list(STD)}}
@@ -75,7 +102,7 @@ def export_onnx(network: nn.Module, metadata: dict) -> bytes:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(Probabilities(network).eval(), (example,), dynamo=True, verbose=False,
+            program = torch.onnx.export(exportable(network), (example,), dynamo=True, verbose=False,
                                         input_names=["image"], output_names=["probs"], opset_version=OPSET,
                                         dynamic_shapes=({0: batch, 2: height, 3: width},), external_data=False)
     finally:

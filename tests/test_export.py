@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from jobs.main import app
 from seminar import export, storage
 from seminar.data.datasets import read_image
 from seminar.data.files import local_file
+from seminar.models import MODEL_NAMES, build_model
 from seminar.predict import Segmenter
 
 DATA = Path(__file__).parent / "data"
@@ -58,6 +60,24 @@ def test_onnx_matches_eager_on_real_photographs(pretrained_checkpoint):
     # a batch of two sizes padded together, as the endpoint batches them
     batch = torch.randn(3, 3, 97, 131)
     assert (graph.predict_probs(batch) - eager.predict_probs(batch)).abs().max().item() <= PROB_TOLERANCE
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_what_is_exported_folds_batchnorm_and_computes_the_same(name):
+    """Every registered network traces through torch.fx: its BatchNorms fold into the
+    convolutions before them and ReLU6 becomes a clamp, with the same probabilities."""
+    network = build_model(name, 5, decoder_channels=32).eval()
+    with torch.no_grad():  # statistics that are not the identity, so that folding has something to get right
+        for m in network.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    module = export.exportable(network)
+    assert not [m for m in module.modules() if isinstance(m, (nn.BatchNorm2d, nn.Hardtanh))]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in network.modules())  # the network itself is untouched
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        assert (module(x) - export.Probabilities(network)(x)).abs().max().item() <= PROB_TOLERANCE
 
 
 def test_export_command_writes_a_graph_that_carries_its_model(tmp_path):

@@ -105,8 +105,13 @@ class MobileNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        low_level = self.features[:LOW_LEVEL_END](x)
-        return low_level, self.features[LOW_LEVEL_END:](low_level)
+        # Layer by layer, not through slices of `features`: a slice is a new module that
+        # torch.fx cannot name, and the ONNX export fuses through torch.fx.
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i + 1 == LOW_LEVEL_END:
+                low_level = x
+        return low_level, x
 
 
 def mobilenet_v2(output_stride: int = 16) -> MobileNetV2:
