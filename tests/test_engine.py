@@ -391,10 +391,10 @@ def test_a_few_clicked_images_train_with_cutmix_and_report_class_shares(tmp_path
     assert last["epoch"] == pytest.approx(3 * 4 / 4)  # 4 of 16 images clicked, 4 a step
 
 
-@pytest.mark.slow  # six training processes: ~40 s
+@pytest.mark.slow  # six training processes, two at a time
 def test_label_efficiency_study_prints_the_table_saves_the_plot_and_resumes(tmp_path):
-    """scripts/label_efficiency.py, as a user runs it: one process per run, the table, the
-    plot; run again, it trains nothing and prints the same table."""
+    """scripts/label_efficiency.py, as a user runs it: one process per run (--jobs 2), the
+    table, the plot; run again, it trains nothing and prints the same table."""
     import subprocess
     import sys
 
@@ -403,7 +403,8 @@ def test_label_efficiency_study_prints_the_table_saves_the_plot_and_resumes(tmp_
              for a in ("--set", s)]
     command = [sys.executable, "scripts/label_efficiency.py", "--config", "jobs/configs/synthetic.yaml",
                "--clicked", "4", "16", "--rows", "pce2", "seminar", "fixmatchish",
-               "--row", "fixmatchish=method.tau=0.95|method.cutmix_prob=1", "--out", str(tmp_path), *flags]
+               "--row", "fixmatchish=method.tau=0.95|method.cutmix_prob=1", "--jobs", "2", "--out", str(tmp_path),
+               *flags]
     first = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
     rows = re.findall(r"^\| (4|16) \| (\d+) \| (0\.\d{3}) \| (0\.\d{3}) \| (0\.\d{3}) \| - \|$", first.stdout, re.M)
