@@ -28,14 +28,17 @@ system-deps:
 # the end, and fails if either failed. pytest-timeout (pyproject.toml) turns a hang into a
 # named failure. PYTEST_ARGS passes more: `make test PYTEST_ARGS=--reversed`, or
 # `PYTEST_ARGS="-p random_order --random-order"`.
+# The fast tier runs on every core (pytest-xdist: its tests are single-threaded and share
+# nothing); the slow tier in one process, as its tests share one Ray cluster.
 PYTEST_ARGS ?=
 PYTEST := OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} $(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
+FAST_TIER := -n auto -m "not slow"
 
 test: setup system-deps
-	@fast=0; $(PYTEST) -m "not slow" || fast=$$?; \
+	@fast=0; $(PYTEST) $(FAST_TIER) || fast=$$?; \
 	slow=0; $(PYTEST) -m slow || slow=$$?; \
 	echo "make test: fast tier exit $$fast, slow tier exit $$slow"; \
 	[ $$fast -eq 0 ] && [ $$slow -eq 0 ]
 
 test-fast: setup
-	$(PYTEST) -m "not slow"
+	$(PYTEST) $(FAST_TIER)

@@ -21,13 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from seminar.cli import errors, fail, spec_from_options
-
-# In a terminal, its width; in logs and pipes (a submitted sweep's table), wide enough.
-console = Console(width=None if sys.stdout.isatty() else 160)
+from seminar.cli import console, errors, fail, spec_from_options
 
 ADDRESS_HELP = "the cluster's Jobs API (dashboard) URL, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS"
 PYTHON_HELP = "the Python on the cluster with this project's dependencies (default: python on the head's PATH)"

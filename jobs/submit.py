@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Iterator, TextIO
 from urllib.parse import urlparse
 
 from cluster.preflight import unreachable
-from seminar.registry import CODE_VERSION_ENV, code_version
 from seminar.config import SweepConfig, TrainConfig, dump_spec
 from seminar.history import new_run_name
 
@@ -158,6 +157,8 @@ def connect(address: str | None = None) -> JobSubmissionClient:
 def job_runtime_env(cfg: TrainConfig, repo: Path = REPO_ROOT) -> dict:
     """Ray's runtime_env of a submitted job: the code as its working_dir, the spec (and the
     code version: the job has no .git) in its environment, read by `jobs.job`."""
+    from seminar.registry import CODE_VERSION_ENV, code_version  # imports torch: not for `seminar jobs list`
+
     return {"working_dir": str(repo), "excludes": list(WORKING_DIR_EXCLUDES),
             "env_vars": {JOB_SPEC_ENV: dump_spec(cfg), CODE_VERSION_ENV: code_version()}}
 

@@ -20,7 +20,8 @@ from .config import SpecError, TrainConfig, checkpoint_spec
 if TYPE_CHECKING:
     from .data.inspect import ClickReport
 
-console = Console()
+# In a terminal, its width; in logs and pipes (a submitted sweep's table), wide enough.
+console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)  # one line stays one line
 
 
@@ -130,7 +131,8 @@ def runs_list(path: str = typer.Option("runs", "--path", help=PATH_HELP)) -> Non
     except (OSError, ValueError) as e:
         fail(f"cannot list runs under {path}: {' '.join(str(e).split())}")
     table = Table(title=f"runs under {path}")
-    for column in ("run", "step", "served mIoU", "latest checkpoint"):
+    table.add_column("run", no_wrap=True)  # a name to copy: never folded
+    for column in ("step", "served mIoU", "latest checkpoint"):
         table.add_column(column, overflow="fold")
     for r in runs:
         miou = "-" if r.served_miou is None else f"{r.served_miou:.4f}"

@@ -308,9 +308,9 @@ def ray_cluster(s3_server):
         import ray
 
         ray.shutdown()
-        head.terminate()  # `ray start --block` stops its processes on SIGTERM, one by one (~30 s):
+        head.terminate()  # `ray start --block` stops its processes on SIGTERM, one by one (10-30 s):
         try:  # the session is over, nothing of the cluster is kept, so not waited for long
-            head.wait(timeout=10)
+            head.wait(timeout=3)
         except subprocess.TimeoutExpired:
             pass
         try:

@@ -6,6 +6,7 @@ cluster (`tests/conftest.py`); the multi-node test adds a node and removes it ag
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -189,15 +191,59 @@ class MetricsScraper(threading.Thread):
         return any(line.startswith(name + "{") and all(w in line for w in want) for line in self.lines)
 
 
+@contextlib.contextmanager
+def s3_stalled_at_each_checkpoint(s3_server, bucket: str, run: str) -> Iterator[list[str]]:
+    """moto stopped (SIGSTOP) for 5 s as soon as each checkpoint of `run` has its first file
+    landed; yields the checkpoints that met a stall. The stalls follow the uploads (moto's
+    request log), not the clock: every checkpoint meets one, however fast or slow the run."""
+    import signal
+
+    done, checkpoint_put = threading.Event(), threading.Event()
+    seen: set[str] = set()
+    stalls: list[str] = []
+
+    def on_request(line: str) -> None:  # moto's log of a request it answered
+        match = re.search(rf'"PUT /{bucket}/runs/{run}/(checkpoint_[^/ ]+)/', line)
+        if match and match[1] not in seen:
+            seen.add(match[1])
+            checkpoint_put.set()
+
+    def stall_at_each_checkpoint():
+        while not done.is_set():
+            if checkpoint_put.wait(0.2):
+                checkpoint_put.clear()
+                os.kill(s3_server.process.pid, signal.SIGSTOP)
+                stalls.append(sorted(seen)[-1])
+                done.wait(5)
+                os.kill(s3_server.process.pid, signal.SIGCONT)
+
+    s3_server.on_request.append(on_request)
+    staller = threading.Thread(target=stall_at_each_checkpoint, daemon=True)
+    staller.start()
+    try:
+        yield stalls
+    finally:
+        done.set()
+        staller.join()
+        os.kill(s3_server.process.pid, signal.SIGCONT)
+        s3_server.on_request.remove(on_request)
+
+
 @pytest.mark.slow
-def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
-    """Checkpoints go to S3 (every worker's part merged into one directory); the same run
-    name resumes from them; Segmenter loads them."""
+def test_s3_checkpoints_survive_a_stall_resume_and_load(ray_session, s3_server, s3_bucket, tmp_path, monkeypatch):
+    """Checkpoints go to S3 (every worker's part merged into one directory), also when S3
+    stops answering during one: with an S3 request timeout of 3 s, the rest of that
+    checkpoint's uploads time out and are retried (pyarrow's S3 retry strategy, the storage
+    filesystem Ray Train is given). The same run name resumes from them; Segmenter loads them."""
     from seminar.predict import Segmenter
 
+    monkeypatch.setenv(storage.S3_TIMEOUT_ENV, "3")  # the driver's filesystem, pickled to Ray's controller
     runs = f"s3://{s3_bucket}/runs"
-    first = run_training(tiny_spec(runs, 2, 2, "storage.run_name=on-s3"), address=ray_session.address)
+    with s3_stalled_at_each_checkpoint(s3_server, s3_bucket, "on-s3") as stalls:
+        first = run_training(tiny_spec(runs, 2, 2, "storage.run_name=on-s3"), address=ray_session.address)
     assert first.checkpoint.startswith(f"s3://{s3_bucket}/runs/on-s3/checkpoint_") and first.step == 2
+    assert stalls == [first.checkpoint.rsplit("/", 1)[1]]  # the run did meet a stalled S3, and finished
+    assert checkpoint.read_meta(first.checkpoint)["step"] == 2
 
     # Started again under the same name with one more step: it resumes at step 2.
     log = tmp_path / "reports.jsonl"
@@ -228,53 +274,6 @@ def test_s3_checkpoints_resume_and_load(ray_session, s3_bucket, tmp_path):
     cached = checkpoint.local_copy(second.checkpoint, [])
     assert sorted(str(p.relative_to(cached)) for p in cached.rglob("*") if p.is_file()) == [
         "meta.json", f"student_{served.removeprefix('teacher_')}/teacher.pt"]
-
-
-@pytest.mark.slow
-def test_s3_that_stalls_during_checkpoints_does_not_fail_the_run(ray_session, s3_server, s3_bucket, monkeypatch):
-    """moto stopped (SIGSTOP) for 5 s as soon as each checkpoint's first file has landed, with
-    an S3 request timeout of 3 s: the rest of that checkpoint's uploads time out and are
-    retried (pyarrow's S3 retry strategy, the storage filesystem Ray Train is given), and the
-    run ends with every step and checkpoint. The stalls follow the uploads (moto's request log),
-    not the clock: every checkpoint meets one, however fast or slow the run."""
-    import signal
-
-    monkeypatch.setenv(storage.S3_TIMEOUT_ENV, "3")  # the driver's filesystem, pickled to Ray's controller
-    runs = f"s3://{s3_bucket}/runs"
-    cfg = tiny_spec(runs, 4, 2, "storage.run_name=stalls")  # two checkpoints, each stalled
-    done, checkpoint_put = threading.Event(), threading.Event()
-    seen: set[str] = set()
-    stalls = []
-
-    def on_request(line: str) -> None:  # moto's log of a request it answered
-        match = re.search(rf'"PUT /{s3_bucket}/runs/stalls/(checkpoint_[^/ ]+)/', line)
-        if match and match[1] not in seen:
-            seen.add(match[1])
-            checkpoint_put.set()
-
-    def stall_at_each_checkpoint():
-        while not done.is_set():
-            if checkpoint_put.wait(0.2):
-                checkpoint_put.clear()
-                os.kill(s3_server.process.pid, signal.SIGSTOP)
-                stalls.append(sorted(seen)[-1])
-                done.wait(5)
-                os.kill(s3_server.process.pid, signal.SIGCONT)
-
-    s3_server.on_request.append(on_request)
-    staller = threading.Thread(target=stall_at_each_checkpoint, daemon=True)
-    staller.start()
-    try:
-        result = run_training(cfg, address=ray_session.address)
-    finally:
-        done.set()
-        staller.join()
-        os.kill(s3_server.process.pid, signal.SIGCONT)
-        s3_server.on_request.remove(on_request)
-    assert result.step == 4
-    assert [h["step"] for h in read_history(f"{runs}/stalls")] == list(range(1, 5))
-    assert checkpoint.read_meta(result.checkpoint)["step"] == 4
-    assert len(stalls) >= 1 and stalls[0] in seen, (stalls, seen)  # the run did meet a stalled S3
 
 
 def test_a_resuming_worker_fetches_only_its_students_files(s3_bucket, tmp_path):

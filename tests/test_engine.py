@@ -171,7 +171,7 @@ def test_cli_train_then_evaluate(tmp_path):
     assert by_run.exit_code == 0, by_run.output
     assert by_run.output.split("mIoU")[-1] == out.output.split("mIoU")[-1].split("grid:")[0]
     # the run, read back: listed, shown, plotted from its metrics.jsonl
-    wide = CliRunner(env={"COLUMNS": "250"})
+    wide = CliRunner()  # not a terminal: the console is 160 wide, the run column never folded
     listed = wide.invoke(app, ["runs", "list", "--path", str(tmp_path)])
     assert listed.exit_code == 0 and run_dir.name in listed.output and "2/2" in listed.output, listed.output
     shown = wide.invoke(app, ["runs", "show", run_dir.name, "--path", str(tmp_path)])
@@ -391,7 +391,7 @@ def test_a_few_clicked_images_train_with_cutmix_and_report_class_shares(tmp_path
     assert last["epoch"] == pytest.approx(3 * 4 / 4)  # 4 of 16 images clicked, 4 a step
 
 
-@pytest.mark.slow  # six training processes, two at a time
+@pytest.mark.slow  # four training processes, two at a time
 def test_label_efficiency_study_prints_the_table_saves_the_plot_and_resumes(tmp_path):
     """scripts/label_efficiency.py, as a user runs it: one process per run (--jobs 2), the
     table, the plot; run again, it trains nothing and prints the same table."""
@@ -402,15 +402,15 @@ def test_label_efficiency_study_prints_the_table_saves_the_plot_and_resumes(tmp_
     flags = [a for s in [*TINY, "optim.steps=2", "schedule.eval_every=2", "schedule.checkpoint_every=2"]
              for a in ("--set", s)]
     command = [sys.executable, "scripts/label_efficiency.py", "--config", "jobs/configs/synthetic.yaml",
-               "--clicked", "4", "16", "--rows", "pce2", "seminar", "fixmatchish",
+               "--clicked", "4", "16", "--rows", "seminar", "fixmatchish",
                "--row", "fixmatchish=method.tau=0.95|method.cutmix_prob=1", "--jobs", "2", "--out", str(tmp_path),
                *flags]
     first = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
-    rows = re.findall(r"^\| (4|16) \| (\d+) \| (0\.\d{3}) \| (0\.\d{3}) \| (0\.\d{3}) \| - \|$", first.stdout, re.M)
+    rows = re.findall(r"^\| (4|16) \| (\d+) \| (0\.\d{3}) \| (0\.\d{3}) \| - \|$", first.stdout, re.M)
     assert [r[0] for r in rows] == ["4", "16"] and int(rows[0][1]) < int(rows[1][1]), first.stdout
     assert (tmp_path / "label_efficiency.png").stat().st_size > 10_000
-    assert first.stdout.count(": done") == 6
+    assert first.stdout.count(": done") == 4
     spec = json.loads(next((tmp_path / "seminar-c4-s0").glob("checkpoints/*/meta.json")).read_text())["spec"]
     assert spec["data"]["clicked_images"] == 4 and spec["method"]["w_ts"] > 0
     spec = json.loads(next((tmp_path / "fixmatchish-c16-s0").glob("checkpoints/*/meta.json")).read_text())["spec"]
