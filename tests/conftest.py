@@ -7,7 +7,8 @@ server starts first so that every Ray process inherits its endpoint and credenti
 
 Tiers: a test that uses Ray, Serve, Chromium or a subprocess server (one of SLOW_FIXTURES,
 directly or through another fixture) is marked `slow` at collection, so a new test is
-classified by what it uses; `make test-fast` runs the rest (`-m "not slow"`). A test that
+classified by what it uses; `make test-fast` runs the rest (`-m "not slow"`, on every core
+with pytest-xdist: a fast test shares nothing with another, not even a process). A test that
 reaches one of those fixtures only at run time (`request.getfixturevalue`) must be visible
 at collection: a parameter whose value names the fixture (or is "s3", for `s3_bucket`)
 marks it; one that is not marked fails, naming the fixture, instead of slowing the fast tier.
