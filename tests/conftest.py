@@ -309,7 +309,7 @@ def ray_cluster(s3_server):
         import ray
 
         ray.shutdown()
-        head.terminate()  # `ray start --block` stops its processes on SIGTERM, one by one (10-30 s):
+        head.terminate()  # `ray start --block` stops its processes on SIGTERM, one by one (> 10 s after the suite):
         try:  # the session is over, nothing of the cluster is kept, so not waited for long
             head.wait(timeout=3)
         except subprocess.TimeoutExpired:

@@ -192,9 +192,9 @@ class MetricsScraper(threading.Thread):
 
 
 @contextlib.contextmanager
-def s3_stalled_at_each_checkpoint(s3_server, bucket: str, run: str) -> Iterator[list[str]]:
-    """moto stopped (SIGSTOP) for 5 s as soon as each checkpoint of `run` has its first file
-    landed; yields the checkpoints that met a stall. The stalls follow the uploads (moto's
+def s3_stalled_at_each_checkpoint(s3_server, run: str) -> Iterator[list[str]]:
+    """moto stopped (SIGSTOP) for 5 s as soon as each checkpoint of `run` (an s3:// run path)
+    has its first file landed; yields the checkpoints that met a stall. The stalls follow the uploads (moto's
     request log), not the clock: every checkpoint meets one, however fast or slow the run."""
     import signal
 
@@ -203,7 +203,7 @@ def s3_stalled_at_each_checkpoint(s3_server, bucket: str, run: str) -> Iterator[
     stalls: list[str] = []
 
     def on_request(line: str) -> None:  # moto's log of a request it answered
-        match = re.search(rf'"PUT /{bucket}/runs/{run}/(checkpoint_[^/ ]+)/', line)
+        match = re.search(rf'"PUT /{run.removeprefix("s3://")}/(checkpoint_[^/ ]+)/', line)
         if match and match[1] not in seen:
             seen.add(match[1])
             checkpoint_put.set()
@@ -239,7 +239,7 @@ def test_s3_checkpoints_survive_a_stall_resume_and_load(ray_session, s3_server, 
 
     monkeypatch.setenv(storage.S3_TIMEOUT_ENV, "3")  # the driver's filesystem, pickled to Ray's controller
     runs = f"s3://{s3_bucket}/runs"
-    with s3_stalled_at_each_checkpoint(s3_server, s3_bucket, "on-s3") as stalls:
+    with s3_stalled_at_each_checkpoint(s3_server, f"{runs}/on-s3") as stalls:
         first = run_training(tiny_spec(runs, 2, 2, "storage.run_name=on-s3"), address=ray_session.address)
     assert first.checkpoint.startswith(f"s3://{s3_bucket}/runs/on-s3/checkpoint_") and first.step == 2
     assert stalls == [first.checkpoint.rsplit("/", 1)[1]]  # the run did meet a stalled S3, and finished

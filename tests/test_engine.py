@@ -171,15 +171,15 @@ def test_cli_train_then_evaluate(tmp_path):
     assert by_run.exit_code == 0, by_run.output
     assert by_run.output.split("mIoU")[-1] == out.output.split("mIoU")[-1].split("grid:")[0]
     # the run, read back: listed, shown, plotted from its metrics.jsonl
-    wide = CliRunner()  # not a terminal: the console is 160 wide, the run column never folded
-    listed = wide.invoke(app, ["runs", "list", "--path", str(tmp_path)])
+    # not a terminal: the console is 160 wide, the run column never folded
+    listed = runner.invoke(app, ["runs", "list", "--path", str(tmp_path)])
     assert listed.exit_code == 0 and run_dir.name in listed.output and "2/2" in listed.output, listed.output
-    shown = wide.invoke(app, ["runs", "show", run_dir.name, "--path", str(tmp_path)])
+    shown = runner.invoke(app, ["runs", "show", run_dir.name, "--path", str(tmp_path)])
     assert shown.exit_code == 0 and "finished" in shown.output and "s1/loss_sup" in shown.output, shown.output
     curves = tmp_path / "curves.png"
-    plotted = wide.invoke(app, ["runs", "plot", str(run_dir), "--out", str(curves)])
+    plotted = runner.invoke(app, ["runs", "plot", str(run_dir), "--out", str(curves)])
     assert plotted.exit_code == 0 and curves.stat().st_size > 10_000, plotted.output
-    missing = wide.invoke(app, ["runs", "show", "nope", "--path", str(tmp_path)])
+    missing = runner.invoke(app, ["runs", "show", "nope", "--path", str(tmp_path)])
     assert missing.exit_code == 2 and "no run there" in missing.output
 
 
