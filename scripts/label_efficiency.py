@@ -57,14 +57,9 @@ def run_flags(row_flags: str, row: str, clicked: int, seed: int, total: int, out
 
 def final_metrics(run: Path) -> dict | None:
     """The metrics of a run's last evaluation, if it reached its last step."""
-    from seminar.checkpoint import latest_in_run, read_meta
-    from seminar.history import read_history
+    from seminar.runs import read_run
 
-    latest = latest_in_run(str(run))
-    if latest is None:
-        return None
-    steps = read_meta(latest)["spec"]["optim"]["steps"]
-    return next((m for m in read_history(str(run)) if m["step"] == steps and "val/miou" in m), None)
+    return read_run(str(run)).final_evaluation
 
 
 def train_one(config: str, flags: list[str]) -> None:

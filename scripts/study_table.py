@@ -9,27 +9,15 @@ Rows are run names `study-ROW-sSEED`; the served mIoU is `val/miou` at the last 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from seminar.runs import read_run
+
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
            "Bicyclist")
-
-
-def history(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def final(run: Path) -> dict | None:
-    """The evaluation at the run's last step; None while the run is unfinished."""
-    metas = sorted(run.glob("checkpoints/step_*/meta.json"))
-    if not metas:
-        return None
-    steps = json.loads(metas[-1].read_text())["spec"]["optim"]["steps"]
-    return next((m for m in history(run) if "val/miou" in m and m["step"] == steps), None)
 
 
 def main() -> None:
@@ -42,14 +30,14 @@ def main() -> None:
         keys = ["loss_sup", "loss_ts", "loss_ss", "pseudo_frac", "diag_pseudo_acc", "diag_student_acc"]
         print("| step | " + " | ".join(f"s{k}/{n}" for k in (0, 1) for n in keys) + " |")
         print("|---" * (1 + 2 * len(keys)) + "|")
-        for m in history(args.root / args.curves):
+        for m in read_run(str(args.root / args.curves)).history:
             values = [m.get(f"s{k}/{n}") for k in (0, 1) for n in keys]
             print(f"| {m['step']} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
         return
     rows: dict[str, dict[int, dict]] = defaultdict(dict)
     for run in sorted(args.root.glob("study-*")):
         match = re.fullmatch(r"study-(.+)-s(\d+)", run.name)
-        if match and (run / "metrics.jsonl").is_file() and (m := final(run)):
+        if match and (run / "metrics.jsonl").is_file() and (m := read_run(str(run)).final_evaluation):
             rows[match[1]][int(match[2])] = m
     print("| row | seeds | served mIoU mean | min-max | per seed | served network | "
           + " | ".join(CLASSES) + " |")

@@ -137,7 +137,7 @@ def check_classes(cfg: TrainConfig) -> list[str]:
 def check_init(cfg: TrainConfig) -> list[str]:
     """A student that starts from a trained model (`init_from`) has that teacher's network
     and classes, so that its weights load."""
-    from .registry import RegistryError, teacher_source, teacher_weights
+    from .registry import RegistryError, teacher_weights
 
     problems = []
     for k, student in enumerate(cfg.students):
@@ -145,8 +145,7 @@ def check_init(cfg: TrainConfig) -> list[str]:
             continue
         field = f"students.{k}.init_from"
         try:
-            _, meta = teacher_source(student.init_from, k)
-            teacher_weights(student.init_from, k)  # weights that do not load are refused here, not in training
+            _, meta = teacher_weights(student.init_from, k)  # weights that do not load are refused here, not in training
         except (RegistryError, FileNotFoundError, ValueError) as e:
             problems.append(f"{field}: {' '.join(str(e).split())}")
             continue

@@ -96,7 +96,8 @@ class StudentTask:
                           spec.pretrained if spec.init_from is None else None, spec.decoder_channels,
                           cfg.method.feature_dropout)
         if spec.init_from is not None:
-            net.load_state_dict(registry.teacher_weights(spec.init_from, k))
+            weights, _ = registry.teacher_weights(spec.init_from, k)
+            net.load_state_dict(weights)
         net = net.to(ctx.device)
         if ctx.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -447,12 +448,16 @@ COLLAPSE_SHARE = 0.8
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
+def class_shares(labels: torch.Tensor, num_classes: int, prefix: str) -> dict[str, float]:
+    """`<prefix>/<c>`: each class's share of `labels` (class indices)."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes)[:num_classes].float()
+    return {f"{prefix}/{c}": v for c, v in enumerate((counts / counts.sum().clamp(min=1)).tolist())}
+
+
 def click_shares(batch: dict[str, torch.Tensor], num_classes: int) -> dict[str, float]:
     """`data/click_share/<c>`: each class's share of the batch's clicked pixels."""
     clicks = batch["click_map"][batch["click_map"] != IGNORE_INDEX]
-    counts = torch.bincount(clicks.cpu(), minlength=num_classes)[:num_classes].float()
-    return {f"data/click_share/{c}": v for c, v in enumerate((counts / counts.sum().clamp(min=1)).tolist())}
+    return class_shares(clicks, num_classes, "data/click_share")
 
 
 @torch.no_grad()
@@ -461,9 +466,7 @@ def teacher_shares(teacher_probs: torch.Tensor, batch: dict[str, torch.Tensor]) 
     pixels of the unclicked images (of every image when the batch has none)."""
     images = ~batch["labelled"] if not batch["labelled"].all() else batch["labelled"]
     pixels = (batch["click_map"] == IGNORE_INDEX) & batch["valid"] & images.view(-1, 1, 1)
-    num_classes = teacher_probs.shape[1]
-    counts = torch.bincount(teacher_probs.argmax(1)[pixels].cpu(), minlength=num_classes).float()
-    return {f"teacher_share/{c}": v for c, v in enumerate((counts / counts.sum().clamp(min=1)).tolist())}
+    return class_shares(teacher_probs.argmax(1)[pixels], teacher_probs.shape[1], "teacher_share")
 
 
 def warn_collapse(cfg: TrainConfig, metrics: dict[str, float], classes: tuple[str, ...],

@@ -449,9 +449,10 @@ def resolve_model(uri: str, registry: str | None = None) -> ResolvedModel:
     return ResolvedModel(uri, str(local), version, registry_metadata)
 
 
-def teacher_source(ref: str, k: int) -> tuple[str, dict]:
-    """(checkpoint, its meta) of the model `ref` names (as `resolve_model` takes it), checked to
-    hold a teacher k: where student k of the next round starts (`students.K.init_from`)."""
+def teacher_weights(ref: str, k: int) -> tuple[dict, dict]:
+    """(state dict, meta) of teacher k in the model `ref` names (as `resolve_model` takes it):
+    where student k of the next round starts (`students.K.init_from`). The teacher, not the
+    student: its EMA weights are what the model serves."""
     found = resolve_model(ref)
     if found.checkpoint.endswith(".onnx"):
         raise RegistryError(f"{ref}: an exported graph holds no trainable weights; name the checkpoint it came from")
@@ -459,14 +460,8 @@ def teacher_source(ref: str, k: int) -> tuple[str, dict]:
     students = meta.get("num_students", len(meta.get("spec", {}).get("students", [])))
     if k >= students:
         raise RegistryError(f"{ref}: has {students} student(s), no teacher {k}")
-    return found.checkpoint, meta
-
-
-def teacher_weights(ref: str, k: int) -> dict:
-    """The state dict of teacher k in the model `ref` names. The teacher, not the student: its
-    EMA weights are what the model serves."""
-    source, _ = teacher_source(ref, k)
-    return checkpoint.read_weights(local_copy(source, [checkpoint.weights_file(k, "teacher")]), k, "teacher")
+    local = local_copy(found.checkpoint, [checkpoint.weights_file(k, "teacher")])
+    return checkpoint.read_weights(local, k, "teacher"), meta
 
 
 def fetch_reference(uri_or_name: str, registry: str | None = None) -> Path:

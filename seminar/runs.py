@@ -126,6 +126,11 @@ class RunInfo:
         return (self.meta.get("spec") or {}).get("optim", {}).get("steps")
 
     @property
+    def final_evaluation(self) -> dict[str, float] | None:
+        """The metrics of the evaluation at the run's last step; None while it is unfinished."""
+        return next((h for h in self.history if h.get("step") == self.steps and SERVED_MIOU in h), None)
+
+    @property
     def served_miou(self) -> float | None:
         evaluated = [h for h in self.history if SERVED_MIOU in h]
         if evaluated:

@@ -290,6 +290,16 @@ def test_models_cli_list_show(tmp_path):
     assert missing.exit_code == 1 and "no version 3" in one_line_error(missing)
 
 
+def test_a_runs_final_evaluation_is_the_one_at_its_last_step():
+    from seminar.runs import RunInfo
+
+    meta = {"spec": {"optim": {"steps": 10}}}
+    history = [{"step": 5, "val/miou": 0.1}, {"step": 10, "loss": 1.0}, {"step": 10, "val/miou": 0.3}]
+    assert RunInfo("r", "runs/r", "c", meta, history).final_evaluation == {"step": 10, "val/miou": 0.3}
+    assert RunInfo("r", "runs/r", "c", meta, history[:2]).final_evaluation is None  # not evaluated yet
+    assert RunInfo("r", "runs/r", None, {}, history).final_evaluation is None  # no checkpoint: steps unknown
+
+
 # ------------------------------------------------------------------- the Ray cluster (jobs)
 
 
