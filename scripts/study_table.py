@@ -37,7 +37,7 @@ def main() -> None:
     rows: dict[str, dict[int, dict]] = defaultdict(dict)
     for run in sorted(args.root.glob("study-*")):
         match = re.fullmatch(r"study-(.+)-s(\d+)", run.name)
-        if match and (run / "metrics.jsonl").is_file() and (m := read_run(str(run)).final_evaluation):
+        if match and (m := read_run(str(run)).final_evaluation):
             rows[match[1]][int(match[2])] = m
     print("| row | seeds | served mIoU mean | min-max | per seed | served network | "
           + " | ".join(CLASSES) + " |")

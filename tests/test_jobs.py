@@ -290,14 +290,21 @@ def test_models_cli_list_show(tmp_path):
     assert missing.exit_code == 1 and "no version 3" in one_line_error(missing)
 
 
-def test_a_runs_final_evaluation_is_the_one_at_its_last_step():
-    from seminar.runs import RunInfo
+def test_a_runs_final_evaluation_is_the_report_at_its_last_step(tmp_path):
+    from seminar.history import append_history
+    from seminar.runs import read_run
 
-    meta = {"spec": {"optim": {"steps": 10}}}
-    history = [{"step": 5, "val/miou": 0.1}, {"step": 10, "loss": 1.0}, {"step": 10, "val/miou": 0.3}]
-    assert RunInfo("r", "runs/r", "c", meta, history).final_evaluation == {"step": 10, "val/miou": 0.3}
-    assert RunInfo("r", "runs/r", "c", meta, history[:2]).final_evaluation is None  # not evaluated yet
-    assert RunInfo("r", "runs/r", None, {}, history).final_evaluation is None  # no checkpoint: steps unknown
+    run = str(tmp_path / "some-run")
+    fake_checkpoint(tmp_path / "some-run" / "checkpoints" / "step_0000004")
+    steps = load_spec(None).optim.steps
+    append_history(run, {"step": 4, "val/miou": 0.1})
+    assert read_run(run).final_evaluation is None  # not at its last step yet
+    append_history(run, {"step": steps, "val/miou": 0.2})
+    append_history(run, {"step": steps, "val/miou": 0.3})  # reported again after a resume: the last report counts
+    assert read_run(run).final_evaluation == {"step": steps, "val/miou": 0.3}
+    no_checkpoint = str(tmp_path / "no-checkpoint")
+    append_history(no_checkpoint, {"step": steps, "val/miou": 0.3})
+    assert read_run(no_checkpoint).final_evaluation is None  # its number of steps is unknown
 
 
 # ------------------------------------------------------------------- the Ray cluster (jobs)
